@@ -182,6 +182,7 @@ def test_policy_loss_without_clipping_is_plain_ratio_objective():
 
 # --- value loss ---------------------------------------------------------------
 
+
 # clip c = 0.2: v_clip = v_old + clamp(v - v_old, -.2, .2)
 #   row0 t0: v 1.5, v_old 1, R 2: (v-R)^2 .25, v_clip 1.2 -> .64; max .64 (clipped term, grad 0)
 #   row0 t1: v 1.1, v_old 1, R 0: 1.21, v_clip 1.1 -> 1.21;       max 1.21 (inside clip)
