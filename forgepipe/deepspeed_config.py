@@ -1,5 +1,280 @@
-"""Placeholder: being written (DeepSpeed JSON builder and pre-launch checks)."""
+"""The DeepSpeed JSON for a run, and the checks that refuse impossible setups before launch.
+
+Two kinds of checks:
+- `validate_static(cfg)`: needs only the config; `config.validate()` calls it.
+- `validate_launch(cfg, world, has_gpu=...)`: needs the launcher's World (ranks per node come from the
+  launcher, never from torch.cuda.device_count()) and whether GPUs are present.
+
+Offload policy (`--offload cpu`): the optimizer state moves to CPU for ZeRO stages 1-3 (DeepSpeed then
+picks DeepSpeedCPUAdam itself unless `torch_adam` is set); at stage 3 the parameters move too. Stage 0
+has nothing to offload and is refused.
+
+ZeRO++ (`--zeropp`, or the individual switches) is a ZeRO-3 feature in DeepSpeed 0.19.8: qwZ
+(`zero_quantized_weights`) and hpZ (`zero_hpz_partition_size`) act on stage-3 parameter partitioning,
+and qgZ (`zero_quantized_gradients`) is only wired into the stage-3 optimizer (engine.py passes the
+all-to-all group to DeepSpeedZeroOptimizer_Stage3 alone), so at stage 1/2 it would be silently ignored.
+qwZ/qgZ need DeepSpeed's quantizer kernels, which the CPU accelerator does not build.
+
+The optimizer lives in the JSON (AdamW, `torch_adam` as configured); the learning-rate schedule does
+not: the training loop owns warm-up and cosine decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forgepipe.config import Config, DeepSpeedConfig
+from forgepipe.distributed import World
+from forgepipe.errors import ForgeError
+
+# The loop logs progress itself; keep DeepSpeed's own step printing out of the way.
+STEPS_PER_PRINT = 1_000_000_000
+
+ZEROPP_KEYS = ("zero_quantized_weights", "zero_hpz_partition_size", "zero_quantized_gradients")
 
 
-def validate_static(cfg) -> None:
+# ---------------------------------------------------------------------------
+# What the switches mean
+
+
+def quantized_weights(ds: DeepSpeedConfig) -> bool:
+    """qwZ: explicit setting, else follows --zeropp."""
+    return ds.zeropp if ds.quantized_weights is None else ds.quantized_weights
+
+
+def quantized_gradients(ds: DeepSpeedConfig) -> bool:
+    """qgZ: explicit setting, else follows --zeropp."""
+    return ds.zeropp if ds.quantized_gradients is None else ds.quantized_gradients
+
+
+def resolve_hpz_size(ds: DeepSpeedConfig, world: World) -> int:
+    """hpZ partition size: as configured; by default one node's ranks when ZeRO++ is on, else 1 (off)."""
+    if ds.hpz_size is not None:
+        return ds.hpz_size
+    return world.local_world_size if ds.zeropp else 1
+
+
+def _zeropp_requested(ds: DeepSpeedConfig) -> str | None:
+    """The option that asks for a ZeRO++ feature, or None."""
+    if ds.zeropp:
+        return "--zeropp"
+    if ds.quantized_weights:
+        return "--quantized-weights"
+    if ds.quantized_gradients:
+        return "--quantized-gradients"
+    if ds.hpz_size is not None and ds.hpz_size > 1:
+        return "--hpz-size"
     return None
+
+
+# ---------------------------------------------------------------------------
+# Checks
+
+
+def validate_static(cfg: Config) -> None:
+    """Refuse DeepSpeed settings that cannot work whatever the launcher. One-line ForgeError."""
+    ds = cfg.deepspeed
+    if ds.hpz_size is not None and ds.hpz_size < 1:
+        raise ForgeError(f"--hpz-size: must be at least 1, got {ds.hpz_size}")
+    option = _zeropp_requested(ds)
+    if option and ds.zero_stage != 3:
+        raise ForgeError(
+            f"{option}: ZeRO++ (qwZ/hpZ/qgZ) works only with --zero-stage 3 in DeepSpeed, got --zero-stage {ds.zero_stage}"
+        )
+    if ds.offload == "cpu" and ds.zero_stage < 1:
+        raise ForgeError("--offload cpu: needs --zero-stage 1, 2 or 3 (stage 0 has no optimizer state to offload)")
+    for name, value in {
+        "--param-persistence-threshold": ds.param_persistence_threshold,
+        "--max-live-parameters": ds.max_live_parameters,
+        "--prefetch-bucket-size": ds.prefetch_bucket_size,
+        "--allgather-bucket-size": ds.allgather_bucket_size,
+    }.items():
+        if value < 0:
+            raise ForgeError(f"{name}: must not be negative, got {value}")
+    if ds.reduce_bucket_size < 1:
+        raise ForgeError(f"--reduce-bucket-size: must be at least 1, got {ds.reduce_bucket_size}")
+    if ds.flops_profiler and ds.profile_step < 1:
+        raise ForgeError(f"--profile-step: must be at least 1, got {ds.profile_step}")
+    if cfg.train.grad_clip < 0:
+        raise ForgeError(f"--grad-clip: must not be negative, got {cfg.train.grad_clip}")
+    if cfg.stage == "ppo":
+        p = cfg.ppo
+        critic_stage = ds.zero_stage if p.critic_zero_stage is None else p.critic_zero_stage
+        if ds.offload == "cpu" and critic_stage < 1:
+            raise ForgeError("--offload cpu: needs --critic-zero-stage 1, 2 or 3 (the critic trains with ZeRO too)")
+        if p.critic_lr <= 0:
+            raise ForgeError(f"--critic-lr: must be positive, got {p.critic_lr}")
+
+
+def validate_launch(cfg: Config, world: World, *, has_gpu: bool, model_type: str | None = None) -> None:
+    """Refuse settings that the launched world or the hardware cannot run. One-line ForgeError.
+
+    `model_type` is the Hugging Face config's model_type when known (e.g. "gpt_neox").
+    """
+    ds = cfg.deepspeed
+    if world.world_size < 1 or world.local_world_size < 1:
+        raise ForgeError(f"launcher: bad world (world size {world.world_size}, ranks per node {world.local_world_size})")
+    if world.world_size % world.local_world_size:
+        raise ForgeError(
+            f"launcher: {world.world_size} ranks do not fill nodes of {world.local_world_size} ranks each; "
+            "use the same number of ranks on every node"
+        )
+    hpz = resolve_hpz_size(ds, world)
+    # hpZ's secondary copy must stay inside a node; as nodes are full, dividing the node divides the world.
+    if ds.zero_stage == 3 and hpz > 1 and world.local_world_size % hpz:
+        raise ForgeError(f"--hpz-size: {hpz} must divide ranks per node ({world.local_world_size}) and the world size")
+    if not has_gpu and (quantized_weights(ds) or quantized_gradients(ds)):
+        # DeepSpeed's CPU accelerator has no QuantizerBuilder.
+        option = "--zeropp" if ds.zeropp else ("--quantized-weights" if ds.quantized_weights else "--quantized-gradients")
+        raise ForgeError(
+            f"{option}: ZeRO++ quantized weights/gradients (qwZ/qgZ) are not implemented on the CPU backend; "
+            "run on GPUs or turn off --zeropp / use --hpz-size only"
+        )
+    if cfg.stage == "ppo" and cfg.ppo.hybrid_engine:
+        if not has_gpu:
+            raise ForgeError(
+                "--hybrid-engine: DeepSpeed's hybrid engine needs a GPU (its inference kernels do not exist on CPU); "
+                "drop --hybrid-engine"
+            )
+        if model_type == "gpt_neox":
+            raise ForgeError(
+                "--hybrid-engine: DeepSpeed's GPT-NeoX policy does not match transformers>=5 GPTNeoXAttention "
+                "(no hidden_size attribute); drop --hybrid-engine for GPT-NeoX/FORGE models"
+            )
+
+
+# ---------------------------------------------------------------------------
+# The JSON
+
+
+def _dtype_blocks(dtype: str) -> dict[str, Any]:
+    if dtype == "bf16":
+        return {"bf16": {"enabled": True}}
+    if dtype == "fp16":
+        # loss_scale 0 means dynamic loss scaling.
+        return {
+            "fp16": {
+                "enabled": True,
+                "loss_scale": 0,
+                "loss_scale_window": 1000,
+                "initial_scale_power": 16,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
+        }
+    return {}
+
+
+def _zero_block(
+    ds: DeepSpeedConfig, world: World, *, stage: int, offload: str, train: bool, zeropp: bool
+) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 0:
+        return zero
+    zero.update(
+        overlap_comm=ds.overlap_comm,
+        contiguous_gradients=ds.contiguous_gradients,
+        reduce_scatter=True,  # qgZ asserts it; it is DeepSpeed's default anyway
+        reduce_bucket_size=ds.reduce_bucket_size,
+    )
+    if stage in (1, 2):
+        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+    if offload == "cpu" and train:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=ds.param_persistence_threshold,
+            stage3_max_live_parameters=ds.max_live_parameters,
+            stage3_prefetch_bucket_size=ds.prefetch_bucket_size,
+        )
+        if offload == "cpu":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        if zeropp:
+            if quantized_weights(ds):
+                zero["zero_quantized_weights"] = True
+            hpz = resolve_hpz_size(ds, world)
+            if hpz > 1:
+                zero["zero_hpz_partition_size"] = hpz
+            if train and quantized_gradients(ds):
+                zero["zero_quantized_gradients"] = True
+    return zero
+
+
+def build_ds_config(
+    cfg: Config,
+    world: World,
+    *,
+    zero_stage: int | None = None,
+    zeropp: bool = True,
+    offload: str | None = None,
+    train: bool = True,
+    lr: float | None = None,
+    hybrid_engine: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for one engine.
+
+    zero_stage / offload / lr override the config (PPO's critic and reference models).
+    zeropp=False leaves ZeRO++ out entirely: DeepSpeed keeps hpZ's process group as one global per
+    process, so a second ZeRO-3 engine with hpZ fails ("ZeRO parameter intra parallel group is already
+    initialized", DeepSpeed issues 4901/7066). train=False: a frozen model (no optimizer, no gradient
+    keys); stages 1-2 mean nothing without an optimizer and become stage 0, stage 3 stays (ZeRO-3
+    inference), and offload moves only stage-3 parameters. hybrid_engine: PPO's actor generation.
+    """
+    ds = cfg.deepspeed
+    t = cfg.train
+    stage = ds.zero_stage if zero_stage is None else zero_stage
+    offload = ds.offload if offload is None else offload
+    if stage not in (0, 1, 2, 3):
+        raise ForgeError(f"--zero-stage: {stage!r} is not one of 0, 1, 2, 3")
+    if offload not in ("none", "cpu"):
+        raise ForgeError(f"--offload: {offload!r} is not one of none, cpu")
+    if not train and stage in (1, 2):
+        stage = 0
+    if train and offload == "cpu" and stage == 0:
+        raise ForgeError("--offload cpu: needs --zero-stage 1, 2 or 3 (stage 0 has no optimizer state to offload)")
+
+    accum = t.grad_accum if train else 1
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.per_device_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.per_device_batch_size * accum * world.world_size,
+        **_dtype_blocks(t.dtype),
+        "zero_optimization": _zero_block(ds, world, stage=stage, offload=offload, train=train, zeropp=zeropp),
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if train:
+        out["gradient_clipping"] = t.grad_clip
+        out["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr if lr is None else lr,
+                "weight_decay": t.weight_decay,
+                "torch_adam": ds.torch_adam,
+            },
+        }
+    if ds.flops_profiler:
+        out["flops_profiler"] = {
+            "enabled": True,
+            "profile_step": ds.profile_step,
+            "module_depth": -1,
+            "top_modules": 1,
+            "detailed": False,
+            "output_file": None,
+        }
+    if hybrid_engine:
+        out["hybrid_engine"] = {
+            "enabled": True,
+            "max_out_tokens": cfg.data.max_seq_len,
+            "inference_tp_size": 1,
+            "release_inference_cache": False,
+            "pin_parameters": True,
+            "tp_gather_partition_size": 8,
+        }
+    return out
+
+
+def zeropp_block(ds_json: dict[str, Any]) -> dict[str, Any]:
+    """The ZeRO++ keys actually in effect in a built JSON (for logging); empty when ZeRO++ is off."""
+    zero = ds_json.get("zero_optimization", {})
+    return {k: zero[k] for k in ZEROPP_KEYS if k in zero}
