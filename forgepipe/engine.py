@@ -1,0 +1,54 @@
+"""Wrap a model in a DeepSpeed engine: parameter groups, the LR schedule, initialize."""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from forgepipe.loop import lr_factor
+
+log = logging.getLogger(__name__)
+
+NO_DECAY = ("bias", "norm", "layernorm", "ln_f")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters, with no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if any(key in name.lower() for key in NO_DECAY) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def initialize(model: torch.nn.Module, ds_config: dict, *, weight_decay: float = 0.0, total_steps: int = 0,
+               warmup_ratio: float = 0.0, min_lr_ratio: float = 1.0):
+    """A training engine (optimizer from the JSON, warm-up + cosine schedule), or, when the JSON
+    has no optimizer, an inference engine for a frozen model."""
+    import deepspeed
+
+    log.debug("DeepSpeed config: %s", json.dumps(ds_config))
+    if "optimizer" not in ds_config:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return engine
+    warmup = int(warmup_ratio * total_steps)
+    schedule = partial(lr_factor, total_steps=total_steps, warmup_steps=warmup, min_ratio=min_lr_ratio)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+    )
+    return engine

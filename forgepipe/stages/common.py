@@ -1,0 +1,156 @@
+"""What every stage does around its own work: checks, output directory, tracking, resume, export.
+
+A stage recipe reads as: `with StageRun(cfg) as run:` -> check inputs -> `run.begin(...)`
+(output dir + MLflow run) -> build engines -> `run.resume(...)` -> train -> `run.export(...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgepipe import distributed as dist
+from forgepipe.checkpoint import find_latest, load_checkpoint, read_loop_state
+from forgepipe.config import Config
+from forgepipe.deepspeed_config import validate_launch
+from forgepipe.errors import ForgeError
+from forgepipe.loop import LoopSettings, LoopState, StopRequest
+from forgepipe.tracking import Tracker, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "forgepipe-run.json"  # what a stage leaves for the next one (and for resuming)
+MODEL_SUBDIR = "model"
+
+
+def resolve_stage_output(path: str) -> str:
+    """A stage output directory stands for the model it exported (`<dir>/model`)."""
+    candidate = Path(path) / MODEL_SUBDIR
+    if (candidate / "config.json").is_file():
+        return str(candidate)
+    return path
+
+
+def loop_settings(cfg: Config) -> LoopSettings:
+    t = cfg.train
+    return LoopSettings(
+        epochs=t.epochs, max_steps=t.max_steps, micro_batch=t.per_device_batch_size, grad_accum=t.grad_accum,
+        seed=t.seed, log_every=t.log_every, eval_every=t.eval_every, save_every=t.save_every,
+        save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
+    )
+
+
+@dataclass
+class StageRun:
+    """One stage's run: the world, the output directory, the MLflow run and the loop state."""
+
+    cfg: Config
+    parent_run_id: str | None = None
+    world: dist.World = field(default_factory=dist.World)
+    tracker: Tracker = field(default_factory=lambda: Tracker(enabled=False))
+    state: LoopState = field(default_factory=LoopState)
+    resume_from: Path | None = None
+    stop: StopRequest = field(default_factory=StopRequest)
+    _created_output: bool = False
+    _begun: bool = False
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def __enter__(self) -> StageRun:
+        if not self.cfg.output_dir:
+            raise ForgeError("--output-dir: required")
+        self.world = dist.detect_world()
+        validate_launch(self.cfg, self.world, has_gpu=torch.cuda.is_available())
+        self._created_output = not self.output_dir.exists()
+        self.resume_from = self._find_resume()
+        dist.init_distributed(self.world)
+        self.stop.install()
+        torch.manual_seed(self.cfg.train.seed)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else "KILLED" if exc_type.__name__ == "Preempted" else "FAILED"
+        self.tracker.finish(status)
+        if exc_type is not None and not self._begun and self._created_output and self.world.is_main:
+            # Failed before training started (bad input): leave nothing behind.
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+        dist.teardown()
+
+    def _find_resume(self) -> Path | None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return None
+        if mode != "auto":
+            return Path(mode)
+        return find_latest(self.output_dir)
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cfg.data.cache_dir or str(self.output_dir / ".cache")
+
+    def begin(self, fingerprint: dict[str, Any], ds_configs: dict[str, dict]) -> None:
+        """Create the output directory and the MLflow run (or reopen it when resuming)."""
+        cfg = self.cfg
+        fingerprint = {**fingerprint, "stage": cfg.stage, "world_size": self.world.world_size}
+        run_id = None
+        if self.resume_from is not None:
+            previous = read_loop_state(self.resume_from)
+            changed = {k: (previous.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
+                       if previous.get("fingerprint", {}).get(k) != v}
+            if changed:
+                key, (old, new) = next(iter(changed.items()))
+                raise ForgeError(
+                    f"--resume: {self.resume_from} was written with {key}={old!r}, this run has {new!r}; "
+                    "use a new --output-dir or --resume never"
+                )
+            run_id = previous.get("run_id")
+        self.state.fingerprint = fingerprint
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._begun = True
+        self.tracker = Tracker.start(
+            world=self.world, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+            run_name=cfg.tracking.run_name or f"{cfg.stage}-{self.output_dir.name}",
+            run_id=run_id, parent_run_id=self.parent_run_id, tags={"stage": cfg.stage},
+        )
+        self.state.run_id = dist.broadcast_object(self.tracker.run_id)
+        if run_id is None:
+            self.tracker.log_params(cfg.flat())
+            for name, ds_json in ds_configs.items():
+                self.tracker.log_dict(ds_json, f"deepspeed/{name}.json")
+            self.tracker.log_text(cfg.to_yaml(), "config.yaml")
+            self.tracker.log_environment()
+        if self.world.is_main:
+            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    def resume(self, engines: dict[str, Any]) -> None:
+        """Restore engines, RNG and loop state from the checkpoint found at start, if any."""
+        if self.resume_from is None:
+            return
+        loaded = LoopState.from_dict(load_checkpoint(engines, self.resume_from))
+        loaded.fingerprint = self.state.fingerprint
+        loaded.run_id = self.state.run_id
+        self.state = loaded
+        log.info("resumed from %s at step %d", self.resume_from, self.state.step)
+
+    def finish(self, model_dir: Path, extra: dict[str, Any] | None = None) -> None:
+        """Record where the model is, for the user, MLflow and the next stage."""
+        summary = {
+            "stage": self.cfg.stage,
+            "model_dir": str(model_dir.resolve()),
+            "mlflow_run_id": self.state.run_id,
+            "tracking_uri": self.cfg.tracking.uri,
+            "steps": self.state.step,
+            **(extra or {}),
+        }
+        if self.world.is_main:
+            write_json_atomic(self.output_dir / RUN_FILE, summary)
+        self.tracker.set_tags({"model_dir": summary["model_dir"]})
+        if self.cfg.tracking.log_checkpoints:
+            self.tracker.log_artifacts(model_dir, "model")
