@@ -1,0 +1,76 @@
+"""Data for the three stages: sources -> normalised rows -> per-stage share -> train/eval.
+
+Tokenization (tokenize.py) and batching (collate.py) come after; this module only decides
+which rows a stage sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+
+from forgepipe.config import STAGES, parse_split
+from forgepipe.data.formats import normalise, require_pairs
+from forgepipe.data.sources import load_source
+from forgepipe.data.split import stage_share, train_eval
+from forgepipe.distributed import main_process_first
+from forgepipe.errors import ForgeError
+
+__all__ = ["load_stage_data", "load_text_data", "load_source", "normalise", "require_pairs"]
+
+
+def _load_normalised(source: str, keep: Sequence[str] = (), need_pairs: bool = False) -> datasets.Dataset:
+    # Rank 0 first: datasets writes its Arrow cache once, the other ranks then read it.
+    with main_process_first():
+        raw = load_source(source)
+        if need_pairs:
+            require_pairs(raw, source)
+        ds, _ = normalise(raw, source, keep)
+    return ds
+
+
+def load_stage_data(
+    sources: Sequence[str],
+    stage: str,
+    split: str,
+    seed: int,
+    eval_fraction: float,
+    keep_fields: Sequence[str] = (),
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval) rows of `stage` from every source, concatenated in source order.
+
+    sft keeps every kind (pairs train on prompt + chosen); reward requires pairs; ppo keeps rows
+    with a non-empty prompt. `keep_fields` carries extra columns through (e.g. a margin field).
+    """
+    if not sources:
+        raise ForgeError("--data: no data sources given")
+    if stage not in STAGES:
+        raise ForgeError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    shares = parse_split(split)
+    trains, evals = [], []
+    for source in sources:
+        ds = _load_normalised(source, keep_fields, need_pairs=stage == "reward")
+        indices = stage_share(len(ds), shares, STAGES.index(stage), seed)
+        if not indices:
+            raise ForgeError(
+                f"{source}: --data-split {split} leaves stage {stage} no rows (the source has {len(ds)} usable rows)"
+            )
+        if stage == "ppo":
+            prompts = ds["prompt"][:]
+            indices = [i for i in indices if prompts[i]]
+        train_idx, eval_idx = train_eval(indices, eval_fraction, seed)
+        trains.append(ds.select(train_idx))
+        evals.append(ds.select(eval_idx))
+    train, evaluation = datasets.concatenate_datasets(trains), datasets.concatenate_datasets(evals)
+    if len(train) == 0:
+        raise ForgeError(f"{', '.join(sources)}: no rows with a prompt for stage {stage} ({{text}} sources have none)")
+    return train, evaluation
+
+
+def load_text_data(sources: Sequence[str], seed: int) -> datasets.Dataset:
+    """Every row of the unsupervised sources (PPO-ptx), normalised and shuffled with `seed`; no split."""
+    if not sources:
+        raise ForgeError("--unsupervised-data: no sources given")
+    ds = datasets.concatenate_datasets([_load_normalised(s) for s in sources])
+    return ds.shuffle(seed=seed)

@@ -1,0 +1,138 @@
+"""Batches: dynamic padding to the longest row of the batch (never to max length), and packing.
+
+- SFTCollator: right padding; labels padded with -100 so padding never carries loss.
+- PairCollator: the B chosen rows then the B rejected rows in one [2B, L] batch (one forward pass),
+  right-padded; the reward model reads each score at the row's last attended token.
+- PromptCollator: left padding, so every prompt ends where generation starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from forgepipe.data.tokenize import IGNORE_INDEX
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def pad(
+    rows: Sequence[Sequence[int]], value: int, side: str = "right", multiple: int | None = None
+) -> torch.Tensor:
+    """[len(rows), L] long tensor, L = longest row rounded up to `multiple`."""
+    tensors = [torch.as_tensor(r, dtype=torch.long) for r in rows]
+    out = pad_sequence(tensors, batch_first=True, padding_value=value, padding_side=side)
+    extra = _round_up(out.shape[1], multiple) - out.shape[1]
+    if extra:
+        fill = out.new_full((out.shape[0], extra), value)
+        out = torch.cat([out, fill] if side == "right" else [fill, out], dim=1)
+    return out
+
+
+def _mask(rows: Sequence[Sequence[int]], side: str, multiple: int | None) -> torch.Tensor:
+    return pad([[1] * len(r) for r in rows], 0, side, multiple)
+
+
+class SFTCollator:
+    """{input_ids, labels[, position_ids]} rows -> padded tensors (position_ids for packed rows)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        batch = {
+            "input_ids": pad(ids, self.pad_token_id, "right", self.multiple),
+            "attention_mask": _mask(ids, "right", self.multiple),
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX, "right", self.multiple),
+        }
+        if "position_ids" in features[0]:
+            batch["position_ids"] = pad([f["position_ids"] for f in features], 0, "right", self.multiple)
+        return batch
+
+
+class PairCollator:
+    """{chosen_input_ids, rejected_input_ids[, margin]} rows -> input_ids [2B, L] (chosen first)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        batch = {
+            "input_ids": pad(rows, self.pad_token_id, "right", self.multiple),
+            "attention_mask": _mask(rows, "right", self.multiple),
+        }
+        if "margin" in features[0]:
+            batch["margin"] = torch.tensor([float(f["margin"]) for f in features], dtype=torch.float32)
+        return batch
+
+
+class PromptCollator:
+    """{prompt_input_ids} rows -> left-padded input_ids and attention_mask for generate()."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [f["prompt_input_ids"] for f in features]
+        return {
+            "input_ids": pad(rows, self.pad_token_id, "left", self.multiple),
+            "attention_mask": _mask(rows, "left", self.multiple),
+        }
+
+
+def _pack_batch(batch: dict[str, list], max_seq_len: int) -> dict[str, list]:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+
+    def flush():
+        if ids:
+            out["input_ids"].append(list(ids))
+            out["labels"].append(list(labels))
+            out["position_ids"].append(list(positions))
+            ids.clear()
+            labels.clear()
+            positions.clear()
+
+    for row_ids, row_labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        row_ids, row_labels = list(row_ids[:max_seq_len]), list(row_labels[:max_seq_len])
+        if len(ids) + len(row_ids) > max_seq_len:
+            flush()
+        if ids:
+            # The shifted loss would predict this sample's first token from the previous sample.
+            row_labels[0] = IGNORE_INDEX
+        ids.extend(row_ids)
+        labels.extend(row_labels)
+        positions.extend(range(len(row_ids)))
+    flush()
+    return out
+
+
+def pack_sequences(ds: datasets.Dataset, max_seq_len: int, batch_size: int = 1000) -> datasets.Dataset:
+    """Greedy packing of tokenized SFT rows (in order) into rows of at most max_seq_len ids.
+
+    position_ids restart at 0 for each sample. Caveat: only attention implementations that read
+    packed position_ids (transformers' flash-attention path) keep samples from attending to each
+    other; with eager/sdpa attention the samples of a row see their predecessors. Packing happens
+    within each map batch of `batch_size` rows.
+    """
+    return ds.map(
+        _pack_batch,
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=ds.column_names,
+        fn_kwargs={"max_seq_len": max_seq_len},
+        desc="packing",
+    )
