@@ -53,8 +53,8 @@ def test_user_catalog_adds_and_overrides_names(model_root, tmp_path, monkeypatch
 
     assert resolve_model("forge-m2-final", catalog=str(user)) == str(final)
     assert resolve_model("forge-s", catalog=str(user)) == str(model_root / "my-small")
-    names = [e.name for e in list_models(str(user))]
-    assert "forge-m2-final" in names and "forge-l" in names
+    listed = list_models(str(user))
+    assert listed["forge-m2-final"] == str(final) and listed["forge-l"] == str(model_root / "forge-l")
     # the same file through the environment variable
     monkeypatch.setenv("FORGEPIPE_CATALOG", str(user))
     assert resolve_model("forge-m2-final") == str(final)

@@ -97,8 +97,9 @@ def load_catalog(catalog: str | None = None) -> dict[str, CatalogEntry]:
     return entries
 
 
-def list_models(catalog: str | None = None) -> list[CatalogEntry]:
-    return list(load_catalog(catalog).values())
+def list_models(catalog: str | None = None) -> dict[str, str]:
+    """Name -> the local directory it resolves to (existing or not); `load_catalog` has the details."""
+    return {name: str(entry.local_path()) for name, entry in load_catalog(catalog).items()}
 
 
 def resolve_model(name_or_path: str, catalog: str | None = None) -> str:
