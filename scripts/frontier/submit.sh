@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Submit a forgepipe stage to Slurm after checking every setting, or show what would run.
+#
+#   scripts/frontier/submit.sh STAGE [--dry-run] [forgepipe options...]
+#
+# STAGE: sft | reward | ppo | pipeline. Settings come from the environment: ACCOUNT, NODES (1),
+# WALLTIME (02:00:00), PARTITION, QOS, IMAGE, MODEL, DATA, OUTPUT_DIR, ... (see launch.sh and
+# docs/containers.md); SBATCH_ARGS adds sbatch options (e.g. "--wait"); LOG_DIR holds the job logs.
+# --dry-run prints the sbatch and srun lines and the resolved forgepipe config without submitting.
+set -euo pipefail
+
+usage() { sed -n '2,10s/^# \{0,1\}//p' "$0"; }
+
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+case "$1" in -h|--help) usage; exit 0 ;; esac
+stage="$1"
+shift
+dry_run=0
+args=()
+for arg in "$@"; do
+    if [[ "$arg" == --dry-run ]]; then dry_run=1; else args+=("$arg"); fi
+done
+
+FORGEPIPE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export FORGEPIPE_ROOT
+# shellcheck source=scripts/frontier/launch.sh
+. "$FORGEPIPE_ROOT/scripts/frontier/launch.sh"
+
+fp_check "$stage" submit
+fp_forgepipe_args "$stage" "${args[@]}"
+fp_srun_cmd "$stage"
+
+: "${WALLTIME:=02:00:00}"
+: "${LOG_DIR:=$PWD}"
+sbatch_cmd=(sbatch -A "${ACCOUNT:-$SBATCH_ACCOUNT}" -N "$NODES" -t "$WALLTIME" -J "forgepipe-$stage"
+    --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" -o "$LOG_DIR/%x-%j.out")
+[[ -n "${PARTITION:-}" ]] && sbatch_cmd+=(-p "$PARTITION")
+[[ -n "${QOS:-}" ]] && sbatch_cmd+=(-q "$QOS")
+[[ "$FORGEPIPE_STAGE_IMAGE" == 1 ]] && sbatch_cmd+=(-C nvme)
+[[ "$FORGEPIPE_ALT_RDZV" == 1 ]] && sbatch_cmd+=(--network=disable_rdzv_get)
+if [[ -n "${SBATCH_ARGS:-}" ]]; then
+    read -r -a extra <<< "$SBATCH_ARGS"
+    sbatch_cmd+=("${extra[@]}")
+fi
+sbatch_cmd+=("$FORGEPIPE_ROOT/scripts/frontier/$stage.sbatch" "${args[@]}")
+
+if [[ "$dry_run" == 0 ]]; then
+    mkdir -p "$LOG_DIR"
+    exec "${sbatch_cmd[@]}"
+fi
+
+echo "# submit:"
+fp_print_cmd "${sbatch_cmd[@]}"
+echo "# run in the job:"
+fp_print_cmd "${FP_SRUN[@]}"
+
+# The config forgepipe will resolve, for the job's world (rank 0 of NODES x GPUS_PER_NODE ranks).
+# `config show` takes one stage: the pipeline shows its first (sft); PPO's actor is its --model.
+case "$stage" in
+    sft|reward) show=(--stage "$stage" "${FP_MODEL_ARGS[@]}") ;;
+    ppo)
+        show=(--stage ppo --model "${ACTOR:-$MODEL}" "ppo.reward_model=$REWARD_MODEL")
+        [[ -n "${CRITIC:-}" ]] && show+=(--critic "$CRITIC") ;;
+    pipeline) show=(--stage sft --model "$MODEL") ;;
+esac
+if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]] && command -v apptainer >/dev/null; then
+    runner=(apptainer exec "$IMAGE" forgepipe)
+elif [[ "$FORGEPIPE_LAUNCHER" == apptainer ]] && command -v forgepipe >/dev/null; then
+    echo "# (no apptainer here: resolving with the forgepipe on PATH instead of the image's)"
+    runner=(forgepipe)
+elif [[ "$FORGEPIPE_LAUNCHER" == direct ]] && command -v "$FORGEPIPE_BIN" >/dev/null; then
+    runner=("$FORGEPIPE_BIN")
+else
+    fp_die "cannot resolve the config here: neither apptainer nor $FORGEPIPE_BIN is on PATH (the lines above are what would run)"
+fi
+echo "# resolved config (forgepipe config show):"
+env SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS="$((NODES * GPUS_PER_NODE))" \
+    SLURM_NTASKS_PER_NODE="$GPUS_PER_NODE" SLURM_JOB_NODELIST="${SLURM_JOB_NODELIST:-localhost}" \
+    "${runner[@]}" config show "${show[@]}" "${FP_COMMON_ARGS[@]}"
