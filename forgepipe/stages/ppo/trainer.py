@@ -1,0 +1,406 @@
+"""Stage 3: PPO of the actor against a frozen reward model, kept near a frozen reference.
+
+Four models, as in DeepSpeed-Chat step 3: the actor (trained, ZeRO++ allowed), the reference
+(frozen copy of the starting actor), the critic (trained, starts from the reward model unless
+--critic says otherwise) and the reward model (frozen). One PPO step = one experience batch of
+prompts per rank: sample and score (experience.py), then `ppo_epochs` passes of clipped policy and
+value updates over it in micro-batches. The prompt order is a pure function of (seed, epoch) and
+the loop state (step, epoch, experience batches consumed) goes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from forgepipe import distributed as dist
+from forgepipe.checkpoint import consolidated_state_dict, export_pretrained, save_checkpoint
+from forgepipe.config import Config
+from forgepipe.data import load_stage_data, load_text_data
+from forgepipe.data.collate import PromptCollator, SFTCollator
+from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
+from forgepipe.deepspeed_config import build_ds_config, validate_launch
+from forgepipe.engine import initialize
+from forgepipe.errors import ForgeError
+from forgepipe.loop import Preempted, epoch_order, rank_batches
+from forgepipe.models.catalog import resolve_model
+from forgepipe.models.load import LoraSettings, hf_from_pretrained, load_causal_lm, load_tokenizer
+from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
+from forgepipe.stages.common import MODEL_SUBDIR, StageRun, resolve_stage_output
+from forgepipe.stages.ppo.experience import Experience, actor_logprobs, critic_values, make_experience
+from forgepipe.stages.ppo.losses import ema_update, masked_mean, policy_loss, value_loss
+
+log = logging.getLogger(__name__)
+
+EMA_FILE = "ema_actor.pt"
+
+
+# ---------------------------------------------------------------------------
+# Checks before any model is loaded
+
+
+def tokenizer_mismatch(actor_tok, other_tok) -> str | None:
+    """Why two tokenizers would give different ids for the same text, or None.
+
+    The pad token is left out: it is only ever masked, and load_tokenizer may add one.
+    """
+    def vocab(tok):
+        return {t: i for t, i in tok.get_vocab().items() if t != tok.pad_token}
+
+    a, b = vocab(actor_tok), vocab(other_tok)
+    if a != b:
+        differ = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
+        return f"vocabularies differ ({len(a)} vs {len(b)} tokens; e.g. {differ[0][0]!r})"
+    for name in ("eos_token", "bos_token"):
+        if getattr(actor_tok, name) != getattr(other_tok, name):
+            return f"{name} differs ({getattr(actor_tok, name)!r} vs {getattr(other_tok, name)!r})"
+    return None
+
+
+def check_one_hpz(ds_configs: dict[str, dict]) -> None:
+    """hpZ's process group is a per-process global in DeepSpeed: only one engine may use it."""
+    with_hpz = [name for name, js in ds_configs.items()
+                if js.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) > 1]
+    if len(with_hpz) > 1:
+        raise ForgeError(
+            f"--zeropp/--hpz-size: hpZ is configured on {len(with_hpz)} engines ({', '.join(with_hpz)}); DeepSpeed "
+            "supports it on one engine per process (issues 4901/7066), keep it on the actor only"
+        )
+
+
+def ppo_batch_sizes(cfg: Config) -> tuple[int, int]:
+    """(prompts per rank per experience batch, micro-batches per experience batch)."""
+    micro = cfg.train.per_device_batch_size
+    gen = cfg.ppo.generation_batch_size or micro
+    if gen < 1 or gen % micro or (gen // micro) % cfg.train.grad_accum:
+        raise ForgeError(
+            f"--generation-batch-size: {gen} must be a multiple of --per-device-batch-size ({micro}) x "
+            f"--grad-accum ({cfg.train.grad_accum})"
+        )
+    return gen, gen // micro
+
+
+# ---------------------------------------------------------------------------
+# The update
+
+
+def train_on_experience(actor, critic, exp: Experience, cfg: Config, micro_batches: int, generator: torch.Generator,
+                        ptx_batches=None) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy and value updates; returns summed stats and their count."""
+    p = cfg.ppo
+    actor.train()
+    critic.train()
+    sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ptx_loss": 0.0}
+    count = 0
+    for _ in range(p.ppo_epochs):
+        order = torch.randperm(len(exp), generator=generator)
+        for rows in order.chunk(micro_batches):
+            mb = exp.select(rows.to(exp.sequences.device))
+            logp = actor_logprobs(actor, mb.sequences, mb.attention_mask, mb.prompt_len, p.temperature)
+            loss, clip_frac, approx_kl = policy_loss(logp, mb.logp_old, mb.advantages, mb.action_mask, p.policy_clip)
+            sums["policy_loss"] += float(loss.detach())
+            if ptx_batches is not None:
+                batch = {k: v.to(mb.sequences.device) for k, v in next(ptx_batches).items()}
+                ptx = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"], use_cache=False).loss
+                sums["ptx_loss"] += float(ptx.detach())
+                loss = loss + p.ptx_coef * ptx
+            actor.backward(loss)
+            actor.step()
+
+            values = critic_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+            vloss = value_loss(values, mb.values_old, mb.returns, mb.action_mask, p.value_clip)
+            critic.backward(vloss)
+            critic.step()
+            sums["value_loss"] += float(vloss.detach())
+            sums["clip_frac"] += float(clip_frac)
+            sums["approx_kl"] += float(approx_kl)
+            count += 1
+    return {**sums, "updates": float(count)}
+
+
+def ptx_stream(data, collate, cfg: Config, world: dist.World, start: int):
+    """Unsupervised micro-batches from global index `start` on: an endless, resumable sequence."""
+    micro = cfg.train.per_device_batch_size
+    per_epoch = len(data) // (world.world_size * micro)
+    if per_epoch == 0:
+        raise ForgeError(f"--unsupervised-data: {len(data)} pieces are fewer than one micro-batch per rank "
+                         f"({world.world_size} x {micro})")
+    k = start
+    cached: tuple[int, list[list[int]]] | None = None
+    while True:
+        epoch, pos = divmod(k, per_epoch)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, rank_batches(epoch_order(len(data), cfg.train.seed + 1, epoch), world.rank,
+                                          world.world_size, micro, 1))
+        yield collate([data[i] for i in cached[1][pos]])
+        k += 1
+
+
+# ---------------------------------------------------------------------------
+# EMA of the actor (kept on rank 0, on the CPU, float32)
+
+
+def actor_parameters(actor):
+    """(name, full parameter) pairs of the trainable actor weights; gathers under ZeRO-3 (collective)."""
+    import deepspeed
+
+    zero3 = actor.zero_optimization_partition_weights()
+    for name, param in actor.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], enabled=zero3):
+            yield name, param
+
+
+def update_ema(ema: dict[str, torch.Tensor] | None, actor, decay: float, world: dist.World):
+    """ema <- decay * ema + (1 - decay) * actor (starts as a copy); None on ranks other than 0."""
+    fresh = ema is None
+    out: dict[str, torch.Tensor] = {} if fresh else ema
+    for name, param in actor_parameters(actor):
+        if world.is_main:
+            if fresh:
+                out[name] = param.detach().float().cpu().clone()
+            else:
+                ema_update([out[name]], [param], decay)
+    return out if world.is_main else None
+
+
+class _StateDictSource:
+    """Looks like an engine to export_pretrained, but hands it a ready state dict (the EMA export)."""
+
+    def __init__(self, state: dict[str, torch.Tensor] | None):
+        self.module = self
+        self._state = state
+
+    def zero_optimization_partition_weights(self) -> bool:
+        return False
+
+    def state_dict(self):
+        return self._state
+
+
+def ema_state_dict(actor, ema: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The actor's full state dict with the EMA weights in place of the trained ones (rank 0)."""
+    state = consolidated_state_dict(actor)
+    if state is None or ema is None:
+        return state
+    return {k: ema[k].to(v.dtype) if k in ema else v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+def _model_path(name: str, cfg: Config, option: str) -> str:
+    if not name:
+        raise ForgeError(f"{option}: required")
+    try:
+        return resolve_stage_output(resolve_model(name, cfg.model.catalog))
+    except ForgeError as exc:
+        raise ForgeError(f"{option}: {exc}") from None
+
+
+def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
+    """Train the actor with PPO and export it; returns the exported model directory."""
+    p = cfg.ppo
+    with StageRun(cfg, parent_run_id=parent_run_id) as run:
+        world = run.world
+        # --- inputs, checked before any model is loaded
+        actor_path = _model_path(cfg.model.name_or_path, cfg, "--actor")
+        reward_path = _model_path(p.reward_model, cfg, "--reward")
+        critic_path = _model_path(p.critic_model, cfg, "--critic") if p.critic_model else reward_path
+        if not has_scalar_head(reward_path):
+            raise ForgeError(f"--reward: {reward_path} is not a reward model export (no scalar head); "
+                             "give the output of `forgepipe reward`")
+        from transformers import AutoConfig
+
+        actor_config = hf_from_pretrained(AutoConfig.from_pretrained, actor_path, "model config",
+                                          trust_remote_code=cfg.model.trust_remote_code)
+        validate_launch(cfg, world, has_gpu=torch.cuda.is_available(), model_type=actor_config.model_type)
+        if p.hybrid_engine:
+            raise ForgeError("--hybrid-engine: not supported by forgepipe's PPO loop yet; drop --hybrid-engine "
+                             "(ZeRO-3 generation gathers the actor once per batch instead)")
+        tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left",
+                                   trust_remote_code=cfg.model.trust_remote_code)
+        reward_tokenizer = load_tokenizer(reward_path)
+        mismatch = tokenizer_mismatch(tokenizer, reward_tokenizer)
+        if mismatch and not p.allow_tokenizer_mismatch:
+            raise ForgeError(f"--reward: the tokenizer of {reward_path} does not match the actor's ({mismatch}); "
+                             "pass --allow-tokenizer-mismatch to re-tokenize responses as text for the reward model")
+        if mismatch:
+            log.warning("actor and reward tokenizers differ (%s): the reward model reads re-tokenized text, "
+                        "the critic reads the actor's ids", mismatch)
+        if not cfg.data.sources:
+            raise ForgeError("--data: at least one data source is required")
+        gen_batch, micro_batches = ppo_batch_sizes(cfg)
+        train_raw, _ = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed, cfg.data.eval_fraction)
+        prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, run.cache_dir)
+        per_epoch = len(prompts) // (world.world_size * gen_batch)
+        if per_epoch == 0:
+            raise ForgeError(f"--generation-batch-size: {len(prompts)} prompts are fewer than one experience batch "
+                             f"({world.world_size} ranks x {gen_batch}); use a smaller batch or more data")
+        steps = per_epoch * cfg.train.epochs
+        steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+        optimizer_steps = steps * p.ppo_epochs * micro_batches // cfg.train.grad_accum
+        ptx_data = None
+        if p.ptx_coef > 0:
+            ptx_data = tokenize_text(load_text_data(cfg.data.unsupervised_sources, cfg.train.seed), tokenizer,
+                                     cfg.data.max_seq_len, run.cache_dir)
+
+        critic_stage = cfg.deepspeed.zero_stage if p.critic_zero_stage is None else p.critic_zero_stage
+        frozen_stage = cfg.deepspeed.zero_stage if p.ref_zero_stage is None else p.ref_zero_stage
+        ds_configs = {
+            "actor": build_ds_config(cfg, world, zeropp=True),
+            "critic": build_ds_config(cfg, world, zero_stage=critic_stage, zeropp=False, lr=p.critic_lr),
+            "ref": build_ds_config(cfg, world, zero_stage=frozen_stage, zeropp=False, train=False),
+            "reward": build_ds_config(cfg, world, zero_stage=frozen_stage, zeropp=False, train=False),
+        }
+        check_one_hpz(ds_configs)
+        run.begin(
+            fingerprint={"actor": actor_path, "reward": reward_path, "critic": critic_path,
+                         "data": list(cfg.data.sources), "split": cfg.data.split, "seed": cfg.train.seed,
+                         "generation_batch_size": gen_batch, "max_prompt_len": cfg.data.max_prompt_len},
+            ds_configs=ds_configs,
+        )
+        run.tracker.log_params({"data.train_prompts": len(prompts), "train.total_steps": steps,
+                                "train.optimizer_steps": optimizer_steps})
+
+        # --- models
+        actor_lora = LoraSettings.from_model_config(cfg.model)
+        critic_lora = LoraSettings.from_model_config(cfg.model, dim=p.critic_lora_dim)
+
+        def build_actor(gradient_checkpointing: bool = False, lora: LoraSettings | None = actor_lora):
+            return load_causal_lm(actor_path, dtype=cfg.train.dtype, tokenizer=tokenizer, lora=lora,
+                                  gradient_checkpointing=gradient_checkpointing,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+
+        schedule = dict(weight_decay=cfg.train.weight_decay, total_steps=optimizer_steps,
+                        warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
+        actor = initialize(build_actor(cfg.model.gradient_checkpointing), ds_configs["actor"], **schedule)
+        ref = initialize(build_actor(lora=None), ds_configs["ref"])
+        critic = initialize(
+            load_scalar_model(critic_path, dtype=cfg.train.dtype, tokenizer=tokenizer, lora=critic_lora,
+                              gradient_checkpointing=p.critic_gradient_checkpointing,
+                              trust_remote_code=cfg.model.trust_remote_code),
+            ds_configs["critic"], **schedule)
+        reward = initialize(load_scalar_model(reward_path, dtype=cfg.train.dtype, tokenizer=reward_tokenizer,
+                                              trust_remote_code=cfg.model.trust_remote_code), ds_configs["reward"])
+        run.resume({"actor": actor, "critic": critic})
+        state = run.state
+
+        ema = None
+        if p.ema > 0:
+            saved = run.resume_from / EMA_FILE if run.resume_from is not None else None
+            if saved is not None and saved.is_file():
+                ema = torch.load(saved) if world.is_main else None
+            else:
+                ema = update_ema(None, actor, p.ema, world)
+
+        zero3 = actor.zero_optimization_partition_weights()
+        gather = zero3 and p.gather_for_generation
+        collate = PromptCollator(tokenizer.pad_token_id)
+        ptx_batches = None
+        if ptx_data is not None:
+            per_step = p.ppo_epochs * micro_batches
+            ptx_batches = ptx_stream(ptx_data, SFTCollator(tokenizer.pad_token_id), cfg, world,
+                                     start=state.step * per_step)
+
+        def checkpoint() -> None:
+            path = save_checkpoint({"actor": actor, "critic": critic}, cfg.output_dir, f"step-{state.step:08d}",
+                                   state.to_dict(), cfg.train.keep_last)
+            if ema is not None and world.is_main:
+                torch.save(ema, Path(path) / EMA_FILE)
+
+        # --- the loop
+        progress = tqdm(total=steps, initial=state.step, desc="ppo", disable=not world.is_main, dynamic_ncols=True)
+        while state.step < steps:
+            batches = rank_batches(epoch_order(len(prompts), cfg.train.seed, state.epoch), world.rank,
+                                   world.world_size, gen_batch, 1)[:per_epoch]
+            for idx in batches[state.micro_in_epoch:]:
+                exp = make_experience(
+                    actor, critic, ref, reward, collate([prompts[i] for i in idx]), ppo=p,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    forward_batch_size=cfg.train.per_device_batch_size,
+                    synced_gpus=zero3 and world.world_size > 1 and not gather, gather=gather,
+                    actor_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer if mismatch else None,
+                )
+                start = time.perf_counter()
+                generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step)
+                stats = train_on_experience(actor, critic, exp, cfg, micro_batches, generator, ptx_batches)
+                training_s = time.perf_counter() - start
+                state.micro_in_epoch += 1
+                state.step += 1
+                if p.ema > 0:
+                    ema = update_ema(ema, actor, p.ema, world)
+                record = step_metrics(exp, stats, training_s, world, ptx=ptx_batches is not None)
+                record["train/lr"] = actor.get_lr()[0]
+                state.samples_seen += int(record.pop("_rows"))
+                state.tokens_seen += int(record.pop("_tokens"))
+                if state.step % cfg.train.log_every == 0 or state.step == steps:
+                    run.tracker.log_metrics(record, step=state.step)
+                progress.update(1)
+                progress.set_postfix(score=f"{record['ppo/score_mean']:.3f}", kl=f"{record['ppo/kl']:.3f}")
+                if state.step >= steps:
+                    break
+                stopping = run.stop.agreed()
+                if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping:
+                    checkpoint()
+                if stopping:
+                    progress.close()
+                    raise Preempted(f"stopped by signal {run.stop.signal} at step {state.step}")
+            else:
+                state.epoch += 1
+                state.micro_in_epoch = 0
+                continue
+            break
+        progress.close()
+        checkpoint()
+
+        # --- export (the EMA copy when enabled)
+        source = _StateDictSource(ema_state_dict(actor, ema)) if p.ema > 0 else actor
+        model_dir = export_pretrained(
+            source, run.output_dir / MODEL_SUBDIR, lambda: build_actor(), tokenizer,
+            metadata={"stage": "ppo", "base_model": actor_path, "reward_model": reward_path,
+                      "ema": p.ema, "mlflow_run_id": state.run_id},
+        )
+        run.finish(model_dir)
+        return str(model_dir)
+
+
+def step_metrics(exp: Experience, stats: dict[str, float], training_s: float, world: dist.World,
+                 ptx: bool) -> dict[str, float]:
+    """One PPO step's metrics, combined over ranks (sums all-reduced, then divided)."""
+    mask = exp.action_mask
+    kl = masked_mean(exp.logp_old - exp.logp_ref, mask)
+    rows, tokens = float(len(exp)), float(mask.sum())
+    updates = stats["updates"]
+    local = [rows, tokens, float(exp.scores.sum()), float(kl) * tokens, float(exp.rewards.sum()),
+             stats["policy_loss"], stats["value_loss"], stats["clip_frac"], stats["approx_kl"], stats["ptx_loss"],
+             updates, exp.generation_s, exp.scoring_s, training_s]
+    (rows, tokens, score, kl_sum, reward, pl, vl, cf, akl, ptx_loss, updates,
+     gen_s, score_s, train_s) = dist.all_reduce_sum(local)
+    n = world.world_size
+    record = {
+        "ppo/score_mean": score / rows,
+        "ppo/kl": kl_sum / max(tokens, 1.0),  # per response token
+        "ppo/reward_mean": reward / rows,  # KL-shaped return of a whole response
+        "ppo/policy_loss": pl / updates,
+        "ppo/value_loss": vl / updates,
+        "ppo/clip_frac": cf / updates,
+        "ppo/approx_kl": akl / updates,
+        "ppo/response_len": tokens / rows,
+        "perf/gen_tokens_per_s": tokens / max(gen_s / n, 1e-9),
+        "time/generation_s": gen_s / n,
+        "time/scoring_s": score_s / n,
+        "time/training_s": train_s / n,
+        "_rows": rows,
+        "_tokens": tokens,
+    }
+    if ptx:
+        record["ppo/ptx_loss"] = ptx_loss / updates
+    return record
