@@ -32,6 +32,30 @@ demo: install ## Fine-tune a tiny GPT-NeoX on the bundled sample (CPU), logging 
 	  --data examples/data/sample_docs.jsonl --output-dir $(DEMO_DIR)/sft --dtype fp32 --zero-stage 2 \
 	  --torch-adam --per-device-batch-size 8 --lr 1e-3 --epochs 3 --max-seq-len 256 --eval-every 10 --run-name demo-sft
 
+SIF ?= forge.sif
+DOCKER_TAG ?= forgepipe:rocm
+SHELL_SCRIPTS := $(wildcard scripts/frontier/*.sh scripts/frontier/*.sbatch scripts/ci/*.sh) containers/build-args.sh .ci/run
+
 .PHONY: lint
-lint: install ## ruff on the code
+lint: install ## ruff, shellcheck on every script, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check forgepipe tests
+	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
+	$(VENV)/bin/hadolint containers/Dockerfile.rocm
+
+.PHONY: sif docker frontier-sft frontier-reward frontier-ppo frontier-pipeline slurm-up slurm-down
+sif: ## Build the Apptainer image $(SIF) (Apptainer >= 1.2, registry access)
+	apptainer build $$(containers/build-args.sh) $(SIF) containers/Apptainer.def
+docker: ## Build the ROCm Docker image $(DOCKER_TAG)
+	docker build $$(containers/build-args.sh) -f containers/Dockerfile.rocm -t $(DOCKER_TAG) .
+frontier-sft: ## Submit SFT on Frontier (ACCOUNT, IMAGE, MODEL, DATA, OUTPUT_DIR from env; ARGS=...; DRY_RUN=1 previews)
+	scripts/frontier/submit.sh sft $(if $(DRY_RUN),--dry-run) $(ARGS)
+frontier-reward: ## Submit the reward-model stage on Frontier (as frontier-sft)
+	scripts/frontier/submit.sh reward $(if $(DRY_RUN),--dry-run) $(ARGS)
+frontier-ppo: ## Submit PPO on Frontier (ACTOR or MODEL, REWARD_MODEL, ...)
+	scripts/frontier/submit.sh ppo $(if $(DRY_RUN),--dry-run) $(ARGS)
+frontier-pipeline: ## Submit the whole pipeline on Frontier (MODEL, REWARD_MODEL, ...)
+	scripts/frontier/submit.sh pipeline $(if $(DRY_RUN),--dry-run) $(ARGS)
+slurm-up: ## Start the localhost Slurm test cluster (root)
+	scripts/ci/slurm-up.sh
+slurm-down: ## Stop the localhost Slurm test cluster
+	scripts/ci/slurm-down.sh

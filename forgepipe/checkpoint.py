@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forgepipe.distributed import barrier, is_main_process, current_rank
+from forgepipe.distributed import barrier, current_rank, is_main_process
 from forgepipe.errors import ForgeError
 from forgepipe.models.load import merge_lora
 from forgepipe.tracking import write_json_atomic

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import typing
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,10 @@ PPO_OPTIONS: list[tuple[str, str, str]] = [
 ]
 
 REPEATABLE = {"data.sources", "data.unsupervised_sources"}
+# Error messages name the option the user typed.
+LABELS = {key: flags.split("/")[0] for flags, key, _ in COMMON_OPTIONS + PPO_OPTIONS} | {
+    "model.name_or_path": "--model", "output_dir": "--output-dir", "ppo.reward_model": "--reward",
+    "reward.margin_field": "--margin-field"}
 
 
 def _field(key: str) -> tuple[Any, Any]:
@@ -156,6 +161,8 @@ def setup_logging(verbose: bool) -> None:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not verbose:
+        # torch.distributed's deprecation notices repeat at every ZeRO step.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
 
@@ -176,7 +183,7 @@ def run_stage(fn: Callable[[], Any]) -> Any:
 
 def make_config(stage: str, config_file: str | None, overrides: dict[str, Any]) -> Config:
     try:
-        return build_config(stage, config_file, overrides)
+        return build_config(stage, config_file, overrides, LABELS)
     except ForgeError as exc:
         click.echo(f"forgepipe: error: {exc}", err=True)
         sys.exit(2)
@@ -194,8 +201,8 @@ def main(verbose: bool) -> None:
 
 
 def _done(what: str, model_dir: str, cfg: Config) -> None:
-    from forgepipe.tracking import resolve_tracking_uri
     from forgepipe.distributed import is_main_process
+    from forgepipe.tracking import resolve_tracking_uri
 
     if is_main_process():
         click.echo(f"{what} model: {model_dir}")
@@ -280,9 +287,10 @@ def config():
 @click.option("--output-dir", default=None)
 @click.option("--config", "config_file", type=click.Path(), default=None, help="YAML config file.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("--assume-gpu", is_flag=True, help="Check as for a GPU job (dry runs on a CPU login node).")
 @with_options(COMMON_OPTIONS + PPO_OPTIONS)
 @click.argument("assignments", nargs=-1, metavar="[KEY=VALUE]...")
-def config_show(stage, model, output_dir, config_file, fmt, assignments, **kwargs):
+def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, assignments, **kwargs):
     """Print the fully resolved config and its DeepSpeed JSON for this launch, and exit.
 
     KEY=VALUE pairs set any dotted key, e.g. deepspeed.stage3_max_live_parameters=1e9.
@@ -293,17 +301,17 @@ def config_show(stage, model, output_dir, config_file, fmt, assignments, **kwarg
     overrides = {"model.name_or_path": model, "output_dir": output_dir,
                  **overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS)}
     try:
-        cfg = build_config(stage, config_file, overrides)
+        cfg = build_config(stage, config_file, overrides, LABELS)
         for item in assignments:
             if "=" not in item:
                 raise ForgeError(f"{item!r}: expected KEY=VALUE")
             key, value = item.split("=", 1)
-            set_dotted(cfg, key, yaml.safe_load(value), where=f"{key}: ")
+            set_dotted(cfg, key, yaml.safe_load(value))
         validate(cfg)
         world = detect_world()
         import torch
 
-        validate_launch(cfg, world, has_gpu=torch.cuda.is_available())
+        validate_launch(cfg, world, has_gpu=assume_gpu or torch.cuda.is_available())
         resolved = {"config": dataclasses.asdict(cfg), "deepspeed": build_ds_config(cfg, world),
                     "world": dataclasses.asdict(world)}
     except ForgeError as exc:

@@ -260,15 +260,18 @@ def _apply(target: Any, updates: dict[str, Any], where: str) -> None:
             setattr(target, key, _coerce(value, hints[key], f"{where}{key}"))
 
 
-def set_dotted(cfg: Config, key: str, value: Any, where: str = "") -> None:
-    """Set one dotted key (e.g. `deepspeed.zero_stage`) with type coercion."""
-    parts = key.split(".")
-    tree: dict[str, Any] = {}
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    _apply(cfg, tree, where)
+def set_dotted(cfg: Config, key: str, value: Any, label: str | None = None) -> None:
+    """Set one dotted key (e.g. `deepspeed.zero_stage`) with type coercion; errors name `label`."""
+    *path, name = key.split(".")
+    node: Any = cfg
+    for part in path:
+        if not hasattr(node, part) or not dataclasses.is_dataclass(getattr(node, part)):
+            raise ForgeError(f"{label or key}: unknown config key {key!r}")
+        node = getattr(node, part)
+    hints = _section_types(type(node))
+    if name not in hints or dataclasses.is_dataclass(getattr(node, name)):
+        raise ForgeError(f"{label or key}: unknown config key {key!r}")
+    setattr(node, name, _coerce(value, hints[name], label or key))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -290,8 +293,12 @@ def build_config(
     stage: str,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Config:
-    """Defaults <- YAML file <- overrides (dotted keys; None values are skipped), then validate."""
+    """Defaults <- YAML file <- overrides (dotted keys; None values are skipped), then validate.
+
+    `labels` maps dotted keys to the option names that errors should mention (the CLI's flags).
+    """
     cfg = Config(stage=stage)
     if config_file:
         _apply(cfg, load_yaml(config_file), f"{config_file}: ")
@@ -299,7 +306,8 @@ def build_config(
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        set_dotted(cfg, key, value, where=f"--{key.split('.')[-1].replace('_', '-')}: ")
+        label = (labels or {}).get(key) or f"--{key.split('.')[-1].replace('_', '-')}"
+        set_dotted(cfg, key, value, label)
     validate(cfg)
     return cfg
 

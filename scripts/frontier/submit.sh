@@ -73,6 +73,8 @@ elif [[ "$FORGEPIPE_LAUNCHER" == direct ]] && command -v "$FORGEPIPE_BIN" >/dev/
 else
     fp_die "cannot resolve the config here: neither apptainer nor $FORGEPIPE_BIN is on PATH (the lines above are what would run)"
 fi
+# A login node has no GPU: check the config as the GPU job will.
+[[ "${FORGEPIPE_DEVICE:-gpu}" == cpu ]] || show+=(--assume-gpu)
 echo "# resolved config (forgepipe config show):"
 env SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS="$((NODES * GPUS_PER_NODE))" \
     SLURM_NTASKS_PER_NODE="$GPUS_PER_NODE" SLURM_JOB_NODELIST="${SLURM_JOB_NODELIST:-localhost}" \

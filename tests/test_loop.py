@@ -1,0 +1,61 @@
+"""The loop's pure parts: LR schedule, data order, rank sharding, evaluation sharding."""
+
+from __future__ import annotations
+
+import pytest
+
+from forgepipe.loop import (
+    LoopSettings,
+    epoch_order,
+    eval_batches,
+    lr_factor,
+    micro_batches_per_rank,
+    rank_batches,
+    total_steps,
+)
+
+
+def test_lr_warmup_then_cosine():
+    # warm-up of 4 steps: (s+1)/4; then cosine from 1 to 0.1 over the remaining 6.
+    assert [lr_factor(s, 10, 4, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4, 0.1) == pytest.approx(1.0)
+    # step 7: progress (7-4)/6 = 0.5, cos(pi/2) = 0 -> 0.1 + 0.9 * 0.5 = 0.55
+    assert lr_factor(7, 10, 4, 0.1) == pytest.approx(0.55)
+    assert lr_factor(10, 10, 4, 0.1) == pytest.approx(0.1)
+    # no warm-up, min 0: step 3 of 10 -> 0.5 * (1 + cos(0.3 pi)) = 0.793893
+    assert lr_factor(3, 10, 0, 0.0) == pytest.approx(0.793893, abs=1e-6)
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    assert epoch_order(50, 1, 0) == epoch_order(50, 1, 0)
+    assert epoch_order(50, 1, 0) != epoch_order(50, 1, 1)
+    assert epoch_order(50, 1, 0) != epoch_order(50, 2, 0)
+    assert sorted(epoch_order(50, 1, 3)) == list(range(50))
+
+
+def test_rank_batches_partition_whole_steps():
+    order = list(range(23))
+    # 2 ranks x micro 2 x accum 2 = 8 samples a step -> 2 steps (16 samples), 4 micro-batches a rank.
+    assert micro_batches_per_rank(23, 2, 2, 2) == 4
+    r0 = rank_batches(order, 0, 2, 2, 2)
+    r1 = rank_batches(order, 1, 2, 2, 2)
+    assert r0 == [[0, 1], [4, 5], [8, 9], [12, 13]]
+    assert r1 == [[2, 3], [6, 7], [10, 11], [14, 15]]
+    assert not set(sum(r0, [])) & set(sum(r1, []))
+
+
+def test_eval_batches_cover_once_with_equal_counts():
+    n, world, b = 5, 2, 2
+    shards = [eval_batches(n, r, world, b) for r in range(world)]
+    assert len(shards[0]) == len(shards[1]) == 2
+    seen = [i for shard in shards for idx, w in shard if w for i in idx]
+    assert sorted(seen) == list(range(n))
+    assert shards[1][-1] == ([0], 0.0)  # rank 1 has nothing left: a weightless filler batch
+
+
+def test_total_steps_caps_at_max_steps():
+    s = LoopSettings(epochs=3, max_steps=0, micro_batch=2, grad_accum=1, seed=0, log_every=1, eval_every=0,
+                     save_every=0, save_every_minutes=0, keep_last=1)
+    assert total_steps(20, 2, s) == 15
+    s.max_steps = 4
+    assert total_steps(20, 2, s) == 4
