@@ -91,7 +91,7 @@ def retokenize(sequences: torch.Tensor, attention_mask: torch.Tensor, actor_toke
     Only for `--allow-tokenizer-mismatch`: special tokens are dropped in the round trip.
     """
     texts = [actor_tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True)
-             for row, mask in zip(sequences.cpu(), attention_mask.cpu())]
+             for row, mask in zip(sequences.cpu(), attention_mask.cpu(), strict=True)]
     eos = reward_tokenizer.eos_token_id
     ids = [row + [eos] for row in reward_tokenizer(texts, add_special_tokens=False)["input_ids"]]
     input_ids = pad(ids, reward_tokenizer.pad_token_id, "right")

@@ -46,10 +46,12 @@ EMA_FILE = "ema_actor.pt"
 def tokenizer_mismatch(actor_tok, other_tok) -> str | None:
     """Why two tokenizers would give different ids for the same text, or None.
 
-    The pad token is left out: it is only ever masked, and load_tokenizer may add one.
+    Pad tokens (either side's) are left out: they are only ever masked, and load_tokenizer may add one.
     """
+    pads = {actor_tok.pad_token, other_tok.pad_token}
+
     def vocab(tok):
-        return {t: i for t, i in tok.get_vocab().items() if t != tok.pad_token}
+        return {t: i for t, i in tok.get_vocab().items() if t not in pads}
 
     a, b = vocab(actor_tok), vocab(other_tok)
     if a != b:
@@ -267,8 +269,9 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
                          "generation_batch_size": gen_batch, "max_prompt_len": cfg.data.max_prompt_len},
             ds_configs=ds_configs,
         )
-        run.tracker.log_params({"data.train_prompts": len(prompts), "train.total_steps": steps,
-                                "train.optimizer_steps": optimizer_steps})
+        if run.resume_from is None:  # MLflow refuses to change a param (a resume may extend --max-steps)
+            run.tracker.log_params({"data.train_prompts": len(prompts), "train.total_steps": steps,
+                                    "train.optimizer_steps": optimizer_steps})
 
         # --- models
         actor_lora = LoraSettings.from_model_config(cfg.model)
