@@ -182,3 +182,24 @@ def test_ppo_resumes_where_it_stopped(toy, tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3]
     state = json.loads((out / "checkpoints" / "step-00000003" / "loop_state.json").read_text())
     assert (state["step"], state["epoch"], state["micro_in_epoch"]) == (3, 0, 3)
+
+
+def test_ppo_with_different_reward_tokenizer_needs_the_opt_in(toy, tmp_path):
+    """A reward tokenizer with extra tokens: refused by default, re-tokenized text with the opt-in."""
+    from forgepipe.models.load import load_tokenizer
+
+    actor, reward = toy
+    other = tmp_path / "reward-other-tokenizer"
+    shutil.copytree(reward, other)
+    tok = load_tokenizer(str(other))
+    tok.add_tokens(["<|extra-1|>", "<|extra-2|>"])
+    tok.save_pretrained(other)
+    out, db = tmp_path / "ppo", tmp_path / "mlflow.db"
+    args = ppo_args(actor, other, out, db, "--zero-stage", "0", "--per-device-batch-size", "4", "--max-steps", "2")
+    refused = run_forgepipe(args)
+    assert refused.returncode == 2 and "--allow-tokenizer-mismatch" in refused.stderr, refused.stderr[-2000:]
+    assert not out.exists()
+    proc = run_forgepipe([*args, "--allow-tokenizer-mismatch"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run = mlflow_run(db)
+    assert len(metric_values(client, run.info.run_id, "ppo/score_mean")) == 2
