@@ -38,7 +38,7 @@ SHELL_SCRIPTS := $(wildcard scripts/frontier/*.sh scripts/frontier/*.sbatch scri
 
 .PHONY: lint
 lint: install ## ruff, shellcheck on every script, hadolint on the Dockerfile
-	$(VENV)/bin/ruff check forgepipe tests
+	$(VENV)/bin/ruff check forgepipe tests bench
 	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint containers/Dockerfile.rocm
 

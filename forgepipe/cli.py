@@ -260,7 +260,7 @@ def ppo(actor, reward_model, output_dir, config_file, **kwargs):
 @click.option("--reward-model", default=None, help="Reward backbone (stage 2 input); may differ from --model.")
 @click.option("--output-dir", default=None, help="Parent directory: sft/, reward/, ppo/ go inside.")
 @click.option("--config", "config_file", type=click.Path(), default=None,
-              help="YAML with shared keys at the top and per-stage keys under sft:, reward:, ppo:.")
+              help="YAML: shared keys at the top, per-stage keys under stages: {sft: ..., reward: ..., ppo: ...}.")
 @with_options(COMMON_OPTIONS + PPO_OPTIONS)
 def pipeline(model, reward_model, output_dir, config_file, **kwargs):
     """Stages 1, 2 and 3 in order, each on its share of the data, each export feeding the next."""
@@ -268,7 +268,7 @@ def pipeline(model, reward_model, output_dir, config_file, **kwargs):
 
     overrides = overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS)
     try:
-        configs = pipeline_configs(model, reward_model, output_dir, config_file, overrides)
+        configs = pipeline_configs(model, reward_model, output_dir, config_file, overrides, LABELS)
     except ForgeError as exc:
         click.echo(f"forgepipe: error: {exc}", err=True)
         sys.exit(2)

@@ -294,14 +294,18 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     labels: dict[str, str] | None = None,
+    layers: list[tuple[dict[str, Any], str]] | None = None,
 ) -> Config:
-    """Defaults <- YAML file <- overrides (dotted keys; None values are skipped), then validate.
+    """Defaults <- YAML file <- extra layers <- overrides (dotted keys; None values are skipped),
+    then validate.
 
-    `labels` maps dotted keys to the option names that errors should mention (the CLI's flags).
+    `layers` are (mapping, where) pairs applied after the file (the pipeline's per-stage
+    sections); `labels` maps dotted keys to the option names that errors should mention.
     """
     cfg = Config(stage=stage)
-    if config_file:
-        _apply(cfg, load_yaml(config_file), f"{config_file}: ")
+    all_layers = [(load_yaml(config_file), f"{config_file}: ")] if config_file else []
+    for tree, where in all_layers + list(layers or []):
+        _apply(cfg, tree, where)
         cfg.stage = stage
     for key, value in (overrides or {}).items():
         if value is None:

@@ -113,6 +113,9 @@ class Tracker:
         self.enabled = enabled
         self.run_id: str | None = None
         self.client = None
+        # A resumed run repeats the steps after its last checkpoint; those steps were logged
+        # already (with the same values, the run being deterministic), so they are not logged twice.
+        self.skip_through_step = -1
 
     @classmethod
     def start(
@@ -142,6 +145,7 @@ class Tracker:
         if run_id:
             client.update_run(run_id, status="RUNNING")
             tracker.run_id = run_id
+            tracker.skip_through_step = tracker.last_logged_step()
             return tracker
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(
@@ -167,8 +171,14 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
+    def last_logged_step(self) -> int:
+        """The highest step of any metric of the run (-1 when none)."""
+        run = self.client.get_run(self.run_id)
+        steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key)]
+        return max(steps, default=-1)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or not metrics:
+        if not self.enabled or not metrics or step <= self.skip_through_step:
             return
         import time
 

@@ -58,6 +58,7 @@ class StageRun:
     stop: StopRequest = field(default_factory=StopRequest)
     _created_output: bool = False
     _begun: bool = False
+    _owns_process_group: bool = False
 
     @property
     def output_dir(self) -> Path:
@@ -70,6 +71,7 @@ class StageRun:
         validate_launch(self.cfg, self.world, has_gpu=torch.cuda.is_available())
         self._created_output = not self.output_dir.exists()
         self.resume_from = self._find_resume()
+        self._owns_process_group = not dist.is_initialized()  # a pipeline keeps one for all stages
         dist.init_distributed(self.world)
         self.stop.install()
         torch.manual_seed(self.cfg.train.seed)
@@ -81,7 +83,8 @@ class StageRun:
         if exc_type is not None and not self._begun and self._created_output and self.world.is_main:
             # Failed before training started (bad input): leave nothing behind.
             shutil.rmtree(self.output_dir, ignore_errors=True)
-        dist.teardown()
+        if self._owns_process_group:
+            dist.teardown()
 
     def _find_resume(self) -> Path | None:
         mode = self.cfg.train.resume
