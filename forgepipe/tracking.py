@@ -165,8 +165,16 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-                 for k, v in params.items()]
+        # MLflow params are write-once: a resumed run keeps the values it started with (a
+        # changed one, e.g. a longer --max-steps, is recorded as a tag instead).
+        existing = self.client.get_run(self.run_id).data.params
+        items = []
+        for k, v in params.items():
+            value = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+            if k not in existing:
+                items.append(Param(k, value))
+            elif existing[k] != value[:MAX_PARAM_LENGTH]:
+                self.client.set_tag(self.run_id, f"resumed.{k}", value[:MAX_PARAM_LENGTH])
         items = [Param(p.key, p.value[:MAX_PARAM_LENGTH]) for p in items]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=items[i:i + 100])

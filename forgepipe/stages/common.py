@@ -123,8 +123,8 @@ class StageRun:
             run_id=run_id, parent_run_id=self.parent_run_id, tags={"stage": cfg.stage},
         )
         self.state.run_id = dist.broadcast_object(self.tracker.run_id)
+        self.tracker.log_params(cfg.flat())  # on a resumed run, changed values become resumed.* tags
         if run_id is None:
-            self.tracker.log_params(cfg.flat())
             for name, ds_json in ds_configs.items():
                 self.tracker.log_dict(ds_json, f"deepspeed/{name}.json")
             self.tracker.log_text(cfg.to_yaml(), "config.yaml")
