@@ -21,6 +21,7 @@ not: the training loop owns warm-up and cosine decay.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from forgepipe.config import Config, DeepSpeedConfig
@@ -35,6 +36,9 @@ ZEROPP_KEYS = ("zero_quantized_weights", "zero_hpz_partition_size", "zero_quanti
 
 # ---------------------------------------------------------------------------
 # What the switches mean
+
+
+PROFILE_FILE = "flops_profile.txt"
 
 
 def quantized_weights(ds: DeepSpeedConfig) -> bool:
@@ -260,7 +264,8 @@ def build_ds_config(
             "module_depth": -1,
             "top_modules": 1,
             "detailed": False,
-            "output_file": None,
+            # Into the output directory (logged to MLflow at the end), not the job's stdout.
+            "output_file": str(Path(cfg.output_dir) / PROFILE_FILE) if cfg.output_dir else None,
         }
     if hybrid_engine:
         out["hybrid_engine"] = {

@@ -210,8 +210,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def teardown() -> None:
-    """Destroy the process group; without it a rank sometimes aborts after finishing."""
+    """Destroy the process group; without it a rank sometimes aborts after finishing.
+
+    Through DeepSpeed's comm layer, which also drops the sub-groups (ZeRO, hpZ) it keeps
+    references to; left alive, they are destroyed after the backend at interpreter exit.
+    """
+    if not is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        barrier()
+    try:
+        import deepspeed.comm as ds_comm
+
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+    except (ImportError, AttributeError, AssertionError):
+        pass
     if is_initialized():
-        with contextlib.suppress(Exception):
-            barrier()
         torch.distributed.destroy_process_group()

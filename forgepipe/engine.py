@@ -16,6 +16,16 @@ log = logging.getLogger(__name__)
 NO_DECAY = ("bias", "norm", "layernorm", "ln_f")
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """All parameters, counted whole even when ZeRO-3 has partitioned them (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def train_flops_per_token(model: torch.nn.Module) -> float:
+    """Forward + backward matmul FLOPs per token, the usual 6N estimate (attention not counted)."""
+    return 6.0 * parameter_count(model)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters, with no weight decay on biases and norms."""
     decay, no_decay = [], []

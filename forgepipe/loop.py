@@ -128,6 +128,11 @@ class StopRequest:
         return dist.all_reduce_sum([1.0 if self.signal is not None else 0.0])[0] > 0
 
 
+# The process's one stop request, shared by the stages of a pipeline: a signal that arrives
+# between two stages (during an export, say) still stops the next one.
+STOP = StopRequest()
+
+
 class Preempted(Exception):
     """Raised after the stop checkpoint is written; the CLI exits with EXIT_PREEMPTED."""
 
@@ -148,6 +153,8 @@ class LoopSettings:
     save_every: int
     save_every_minutes: float
     keep_last: int
+    flops_per_token: float = 0.0  # 6N; gives perf/model_tflops_per_s per device
+    peak_tflops: float = 0.0  # gives perf/mfu
 
 
 def total_steps(n_train: int, world_size: int, s: LoopSettings) -> int:
@@ -227,6 +234,11 @@ def train_loop(
                     "perf/tokens_per_s": sums[3] / elapsed,
                 }
                 record.update({f"train/{k}": v / sums[1] for k, v in zip(keys, sums[4:], strict=True)})
+                if s.flops_per_token:
+                    tflops = s.flops_per_token * sums[3] / elapsed / world.world_size / 1e12
+                    record["perf/model_tflops_per_s"] = tflops
+                    if s.peak_tflops:
+                        record["perf/mfu"] = tflops / s.peak_tflops
                 state.samples_seen += int(sums[2])
                 state.tokens_seen += int(sums[3])
                 tracker.log_metrics(record, step=state.step)

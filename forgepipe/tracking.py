@@ -217,6 +217,11 @@ class Tracker:
             return
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    def log_artifacts_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
     def log_environment(self) -> None:
         if not self.enabled:
             return

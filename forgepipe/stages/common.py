@@ -17,9 +17,9 @@ import torch
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import find_latest, load_checkpoint, read_loop_state
 from forgepipe.config import Config
-from forgepipe.deepspeed_config import validate_launch
+from forgepipe.deepspeed_config import PROFILE_FILE, validate_launch
 from forgepipe.errors import ForgeError
-from forgepipe.loop import LoopSettings, LoopState, StopRequest
+from forgepipe.loop import STOP, LoopSettings, LoopState, StopRequest
 from forgepipe.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def loop_settings(cfg: Config) -> LoopSettings:
     return LoopSettings(
         epochs=t.epochs, max_steps=t.max_steps, micro_batch=t.per_device_batch_size, grad_accum=t.grad_accum,
         seed=t.seed, log_every=t.log_every, eval_every=t.eval_every, save_every=t.save_every,
-        save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
+        save_every_minutes=t.save_every_minutes, keep_last=t.keep_last, peak_tflops=t.peak_tflops,
     )
 
 
@@ -55,7 +55,7 @@ class StageRun:
     tracker: Tracker = field(default_factory=lambda: Tracker(enabled=False))
     state: LoopState = field(default_factory=LoopState)
     resume_from: Path | None = None
-    stop: StopRequest = field(default_factory=StopRequest)
+    stop: StopRequest = field(default_factory=lambda: STOP)
     _created_output: bool = False
     _begun: bool = False
     _owns_process_group: bool = False
@@ -65,6 +65,9 @@ class StageRun:
         return Path(self.cfg.output_dir)
 
     def __enter__(self) -> StageRun:
+        # First: Slurm's walltime warning may come while the run is still starting up, and
+        # SIGUSR1's default action would kill the process instead of stopping it at a step.
+        self.stop.install()
         if not self.cfg.output_dir:
             raise ForgeError("--output-dir: required")
         self.world = dist.detect_world()
@@ -73,7 +76,6 @@ class StageRun:
         self.resume_from = self._find_resume()
         self._owns_process_group = not dist.is_initialized()  # a pipeline keeps one for all stages
         dist.init_distributed(self.world)
-        self.stop.install()
         torch.manual_seed(self.cfg.train.seed)
         return self
 
@@ -155,5 +157,8 @@ class StageRun:
         if self.world.is_main:
             write_json_atomic(self.output_dir / RUN_FILE, summary)
         self.tracker.set_tags({"model_dir": summary["model_dir"]})
+        profile = self.output_dir / PROFILE_FILE
+        if profile.is_file():
+            self.tracker.log_artifacts_file(profile)
         if self.cfg.tracking.log_checkpoints:
             self.tracker.log_artifacts(model_dir, "model")

@@ -17,7 +17,7 @@ from forgepipe.data import load_stage_data
 from forgepipe.data.collate import SFTCollator, pack_sequences
 from forgepipe.data.tokenize import tokenize_sft
 from forgepipe.deepspeed_config import build_ds_config
-from forgepipe.engine import initialize
+from forgepipe.engine import initialize, train_flops_per_token
 from forgepipe.errors import ForgeError
 from forgepipe.loop import eval_batches, total_steps, train_loop
 from forgepipe.models.catalog import resolve_model
@@ -86,6 +86,7 @@ def run_sft(cfg: Config, parent_run_id: str | None = None) -> str:
         engine = initialize(build_model(), ds_json, weight_decay=cfg.train.weight_decay, total_steps=steps,
                             warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
         run.resume({"model": engine})
+        settings.flops_per_token = train_flops_per_token(engine.module)
         evaluate = None
         if eval_data is not None:
             def evaluate(e):
