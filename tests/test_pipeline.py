@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import SAMPLE_PAIRS, mlflow_run, run_forgepipe
 
 pytestmark = pytest.mark.slow
