@@ -83,6 +83,13 @@ def eval_batches(n: int, rank: int, world_size: int, batch: int) -> list[tuple[l
     return out
 
 
+def checkpoint_due(step: int, save_every: int, save_every_minutes: float, seconds_since_save: float) -> bool:
+    """Every `save_every` steps and/or every `save_every_minutes` minutes (0 turns either off)."""
+    by_steps = save_every > 0 and step % save_every == 0
+    by_time = save_every_minutes > 0 and seconds_since_save >= 60 * save_every_minutes
+    return by_steps or by_time
+
+
 # ---------------------------------------------------------------------------
 # Loop state and stop requests
 
@@ -250,9 +257,7 @@ def train_loop(
                 engine.train()
             if state.step >= steps_total:
                 break
-            due = (s.save_every and state.step % s.save_every == 0) or (
-                s.save_every_minutes and time.monotonic() - last_save > 60 * s.save_every_minutes
-            )
+            due = checkpoint_due(state.step, s.save_every, s.save_every_minutes, time.monotonic() - last_save)
             stopping = stop is not None and stop.agreed()
             if due or stopping:
                 checkpoint(f"step-{state.step:08d}")

@@ -6,6 +6,7 @@ import pytest
 
 from forgepipe.loop import (
     LoopSettings,
+    checkpoint_due,
     epoch_order,
     eval_batches,
     lr_factor,
@@ -59,3 +60,9 @@ def test_total_steps_caps_at_max_steps():
     assert total_steps(20, 2, s) == 15
     s.max_steps = 4
     assert total_steps(20, 2, s) == 4
+
+
+def test_checkpoint_due_by_steps_and_by_time():
+    assert checkpoint_due(10, 5, 0, 0.0) and not checkpoint_due(11, 5, 0, 1e9)
+    assert checkpoint_due(11, 0, 2.0, 120.0) and not checkpoint_due(11, 0, 2.0, 119.0)
+    assert not checkpoint_due(10, 0, 0, 1e9)  # both off

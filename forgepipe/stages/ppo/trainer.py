@@ -26,7 +26,7 @@ from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
 from forgepipe.deepspeed_config import build_ds_config, validate_launch
 from forgepipe.engine import initialize
 from forgepipe.errors import ForgeError
-from forgepipe.loop import Preempted, epoch_order, rank_batches
+from forgepipe.loop import Preempted, checkpoint_due, epoch_order, rank_batches
 from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import LoraSettings, hf_from_pretrained, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
@@ -320,6 +320,7 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
                 torch.save(ema, Path(path) / EMA_FILE)
 
         # --- the loop
+        last_save = time.monotonic()
         progress = tqdm(total=steps, initial=state.step, desc="ppo", disable=not world.is_main, dynamic_ncols=True)
         while state.step < steps:
             batches = rank_batches(epoch_order(len(prompts), cfg.train.seed, state.epoch), world.rank,
@@ -351,8 +352,10 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
                 if state.step >= steps:
                     break
                 stopping = run.stop.agreed()
-                if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping:
+                if stopping or checkpoint_due(state.step, cfg.train.save_every, cfg.train.save_every_minutes,
+                                              time.monotonic() - last_save):
                     checkpoint()
+                    last_save = time.monotonic()
                 if stopping:
                     progress.close()
                     raise Preempted(f"stopped by signal {run.stop.signal} at step {state.step}")
