@@ -134,6 +134,9 @@ class StopRequest:
     def agreed(self) -> bool:
         return dist.all_reduce_sum([1.0 if self.signal is not None else 0.0])[0] > 0
 
+    def reason(self) -> str:
+        return f"signal {self.signal}" if self.signal is not None else "a signal to another rank"
+
 
 # The process's one stop request, shared by the stages of a pipeline: a signal that arrives
 # between two stages (during an export, say) still stops the next one.
@@ -264,7 +267,7 @@ def train_loop(
                 last_save = time.monotonic()
             if stopping:
                 progress.close()
-                raise Preempted(f"stopped by signal {stop.signal} at step {state.step}")
+                raise Preempted(f"stopped by {stop.reason()} at step {state.step}")
         else:
             state.epoch += 1
             state.micro_in_epoch = 0

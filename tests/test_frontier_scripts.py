@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,189 @@ def test_qgz_is_refused_when_each_rank_sees_one_gcd(image, tmp_path):
     # hpZ and qwZ alone are fine under the one-GCD binding.
     _, srun = dry_run(settings, tmp_path, "--zeropp", "--no-quantized-gradients")
     assert "--gpu-bind=closest" in srun
+
+
+# --- Walltime: the batch script's stop-and-resubmit logic, with srun and sbatch as stand-ins ---------
+
+
+@pytest.fixture
+def job(tmp_path):
+    """Run sft.sbatch as Slurm would (job 4242) with a stand-in srun; sbatch records its calls."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    (bindir / "sbatch").write_text(
+        f'#!/bin/sh\necho "sbatch $* RESUME=$RESUME COUNT=$FORGEPIPE_RESUBMIT_COUNT" >> "{calls}"\n'
+        'echo "Submitted batch job 4243"\n'
+    )
+    # srun: writes a checkpoint marker (unless FAKE_SRUN_CKPT=0) and exits with $FAKE_SRUN_RC, or,
+    # with FAKE_SRUN_WAIT=1, runs until SIGUSR1 and then exits with $FAKE_SRUN_RC as forgepipe's stop does.
+    (bindir / "srun").write_text(
+        f'#!/bin/bash\necho "srun $*" >> "{calls}"\n'
+        'if [[ "${FAKE_SRUN_CKPT:-1}" == 1 ]]; then\n'
+        '    mkdir -p "$OUTPUT_DIR/checkpoints" && echo \'{"tag": "step-00000001"}\' > "$OUTPUT_DIR/checkpoints/latest"\n'
+        "fi\n"
+        'if [[ "${FAKE_SRUN_WAIT:-0}" == 1 ]]; then\n'
+        f'    trap \'echo "srun got USR1" >> "{calls}"; exit "$FAKE_SRUN_RC"\' USR1\n'
+        f'    echo started > "{tmp_path}/srun-started"\n'
+        "    while :; do sleep 0.05; done\n"
+        "fi\n"
+        'exit "$FAKE_SRUN_RC"\n'
+    )
+    for name in ("sbatch", "srun"):
+        (bindir / name).chmod(0o755)
+    settings = {
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "USER": "tester",
+        "FORGEPIPE_ROOT": str(ROOT),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "1",
+        "FORGEPIPE_LAUNCHER": "direct",
+        "FORGEPIPE_DEVICE": "cpu",
+        "GPUS_PER_NODE": "2",
+        "CPUS_PER_TASK": "1",
+        "ACCOUNT": "abc123",
+        "WALLTIME": "00:30:00",
+        "LOG_DIR": str(tmp_path),
+        "SBATCH_ARGS": "--wait -p batch",
+        "MODEL": str(tmp_path),
+        "DATA": str(DATA),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+    }
+
+    def start(rc: int, *args: str, wait: bool = False, **extra: str) -> subprocess.Popen:
+        env = {**settings, "FAKE_SRUN_RC": str(rc), "FAKE_SRUN_WAIT": "1" if wait else "0", **extra}
+        return subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "frontier" / "sft.sbatch"), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+
+    def sbatch_calls() -> list[str]:
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return [line for line in lines if line.startswith("sbatch ")]
+
+    return start, sbatch_calls, calls, tmp_path
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script and its stand-in srun
+        out, err = proc.communicate()
+    return proc.returncode, out + err
+
+
+def test_a_run_stopped_with_85_resubmits_the_job_after_itself(job):
+    start, sbatch_calls, _, _ = job
+    code, out = finish(start(85, "--lr", "1e-5", "--resume", "never", RESUME="never"))
+    assert code == 85, out
+    (call,) = sbatch_calls()
+    assert call.startswith(
+        "sbatch -A abc123 -N 1 -t 00:30:00 -J forgepipe-sft --ntasks-per-node=2 --cpus-per-task=1 "
+    )
+    # The same settings and arguments, after this job, continuing from the checkpoint; no --wait.
+    assert call.endswith(
+        f"-p batch --dependency=afterany:4242 {ROOT}/scripts/frontier/sft.sbatch --lr 1e-5 "
+        "RESUME=auto COUNT=1"
+    ), call
+    assert "--wait" not in call and "never" not in call
+    assert "resubmitting (1 of at most 10)" in out
+
+
+@pytest.mark.parametrize(
+    ("rc", "extra", "resubmitted"),
+    [
+        (0, {}, False),  # finished
+        (1, {}, False),  # failed, with no stop asked for: a person should look
+        (2, {}, False),
+        (85, {"FORGEPIPE_RESUBMIT_COUNT": "3", "FORGEPIPE_MAX_RESUBMITS": "3"}, False),  # the chain's limit
+        (85, {"FORGEPIPE_MAX_RESUBMITS": "0"}, False),  # resubmission off
+        (85, {"FORGEPIPE_RESUBMIT_COUNT": "2", "FORGEPIPE_MAX_RESUBMITS": "3"}, True),
+        (85, {"FAKE_SRUN_CKPT": "0"}, False),  # no checkpoint in this job: the next would fare no better
+    ],
+)
+def test_only_a_stopped_run_is_resubmitted_and_only_up_to_the_limit(job, rc, extra, resubmitted):
+    start, sbatch_calls, _, _ = job
+    code, out = finish(start(rc, **extra))
+    assert code == rc, out
+    assert bool(sbatch_calls()) == resubmitted, out
+    if rc == 85 and not resubmitted:
+        assert "not resubmitting" in out and code == 85
+    if resubmitted:
+        assert sbatch_calls()[0].endswith("COUNT=3")
+
+
+@pytest.mark.parametrize("srun_rc", [85, 143, 138])
+def test_the_walltime_warning_reaches_srun_and_the_job_continues(job, srun_rc):
+    """--signal=B:USR1 signals the batch shell only: it must pass the signal to srun (which
+    forwards it to the ranks) and resubmit, whether srun reports 85 or a rank it ended (143) or
+    one that died of the signal while starting (138)."""
+    start, sbatch_calls, calls, tmp_path = job
+    proc = start(srun_rc, wait=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun-started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, finish(proc)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    code, out = finish(proc)
+    assert code == 85, out  # the job's own status: stopped, to be continued
+    assert "srun got USR1" in calls.read_text()
+    assert "walltime warning (SIGUSR1)" in out and len(sbatch_calls()) == 1, out
+
+
+def test_a_warning_after_the_run_finished_is_not_a_stop(job):
+    start, sbatch_calls, _, tmp_path = job
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    # srun "finishes" the run (writes the run file), then is killed by the late warning.
+    srun = tmp_path / "bin" / "srun"
+    srun.write_text(
+        srun.read_text().replace("    while :;", f'    touch "{out_dir}/forgepipe-run.json"\n    while :;')
+    )
+    proc = start(138, wait=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun-started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, finish(proc)
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    code, out = finish(proc)
+    assert code == 138 and not sbatch_calls(), out
+
+
+@pytest.mark.parametrize(
+    ("settings", "lead"),
+    [
+        ({}, 600),  # WALLTIME 02:00:00: 10 minutes, time to checkpoint a large model
+        ({"WALLTIME": "10"}, 120),  # a fifth of a short walltime, else the warning would come at once
+        ({"WALLTIME": "1-00:00:00"}, 600),
+        ({"WALLTIME": "1:30"}, 18),
+        ({"WALLTIME": "10", "FORGEPIPE_SIGNAL_LEAD": "900"}, 900),
+    ],
+)
+def test_submit_asks_for_the_warning_and_exports_what_a_resubmission_needs(
+    recorder, image, tmp_path, settings, lead
+):
+    bindir, log = recorder
+    (bindir / "sbatch").write_text(
+        f'#!/bin/sh\necho "sbatch $* WALLTIME=$WALLTIME LOG_DIR=$LOG_DIR" >> "{log}"\n'
+    )
+    out = run([SUBMIT, "sft"], {**full_settings(image, tmp_path), **settings}, bindir, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (call,) = log.read_text().splitlines()
+    walltime = settings.get("WALLTIME", "02:00:00")
+    assert f" -t {walltime} " in call and f" --signal=B:USR1@{lead} " in call
+    assert call.endswith(f"WALLTIME={walltime} LOG_DIR={tmp_path}")
+
+
+def test_batch_scripts_ask_for_the_warning_when_submitted_with_plain_sbatch():
+    for name in ("sft", "reward", "ppo", "pipeline"):
+        head = (ROOT / "scripts" / "frontier" / f"{name}.sbatch").read_text().split("\nset ")[0]
+        assert "#SBATCH --signal=B:USR1@600" in head, name

@@ -24,8 +24,12 @@
 : "${FORGEPIPE_GCD_ORDER:=4,5,2,3,6,7,0,1}"
 # Exit status forgepipe uses when it stopped on a signal and wants the job resubmitted.
 : "${FORGEPIPE_EXIT_REQUEUE:=85}"
+# A job stopped by the walltime warning submits itself again (see launch.sh), at most this many
+# times in a chain (0: never); FORGEPIPE_RESUBMIT_COUNT is how many times it has so far.
+: "${FORGEPIPE_MAX_RESUBMITS:=10}"
+: "${FORGEPIPE_RESUBMIT_COUNT:=0}"
 export GPUS_PER_NODE CPUS_PER_TASK FORGEPIPE_LAUNCHER FORGEPIPE_BIN FORGEPIPE_DEVICE \
-    FORGEPIPE_GPU_BIND FORGEPIPE_GCD_ORDER FORGEPIPE_EXIT_REQUEUE
+    FORGEPIPE_GPU_BIND FORGEPIPE_GCD_ORDER FORGEPIPE_EXIT_REQUEUE FORGEPIPE_MAX_RESUBMITS FORGEPIPE_RESUBMIT_COUNT
 
 # Nodes of this job (inside the allocation Slurm says; before submission, NODES or 1).
 : "${NODES:=${SLURM_JOB_NUM_NODES:-1}}"

@@ -2,12 +2,13 @@
 # Shared launch logic for the forgepipe batch scripts: check the settings, build the srun line,
 # run it. Sourced by scripts/frontier/{sft,reward,ppo,pipeline}.sbatch and by submit.sh.
 #
-# Settings (environment variables; see docs/containers.md for the full list):
+# Settings (environment variables; README.md, "Running on Frontier", lists them all):
 #   IMAGE        forge.sif (container launcher)      MODEL        model path or catalog name
 #   DATA         data sources, comma-separated       OUTPUT_DIR   where the stage writes
 #   ACTOR        PPO actor (default MODEL)           REWARD_MODEL PPO reward model / pipeline reward backbone
 #   CRITIC, CONFIG, ZERO_STAGE, OFFLOAD, ZEROPP (1/0), HPZ_SIZE, DTYPE, MAX_STEPS, TRACKING_URI,
 #   EXPERIMENT, RUN_NAME, RESUME: passed to forgepipe as the matching option when set.
+#   FORGEPIPE_SIGNAL_LEAD (seconds of walltime warning), FORGEPIPE_MAX_RESUBMITS (10): see below.
 # Extra arguments to fp_launch go to forgepipe unchanged.
 
 FP_FRONTIER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -175,10 +176,135 @@ fp_stage_image() {
     fi
 }
 
+fp_walltime_seconds() {  # sbatch -t forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; empty if another
+    local t="$1" days=0 a b c
+    if [[ "$t" =~ ^([0-9]+)-(.*)$ ]]; then
+        days="${BASH_REMATCH[1]}"
+        t="${BASH_REMATCH[2]}"
+        IFS=: read -r a b c <<< "$t"
+        echo $(( ((10#$days * 24 + 10#$a) * 60 + 10#${b:-0}) * 60 + 10#${c:-0} ))
+    elif [[ "$t" =~ ^[0-9]+(:[0-9]+){0,2}$ ]]; then
+        IFS=: read -r a b c <<< "$t"
+        if [[ -n "$c" ]]; then echo $(( (10#$a * 60 + 10#$b) * 60 + 10#$c ))
+        else echo $(( 10#$a * 60 + 10#${b:-0} )); fi
+    fi
+}
+
+# Seconds of warning before the walltime: FORGEPIPE_SIGNAL_LEAD, else 10 minutes (a checkpoint of
+# a 25B model on Lustre, with margin), but at most a fifth of the walltime: with a short debug
+# walltime the warning would otherwise come at once, and every job of the chain stop at its first step.
+# (Slurm sends it up to 60 s early: its time-limit checks run every 30 s or so.)
+fp_signal_lead() {
+    local walltime
+    if [[ -n "${FORGEPIPE_SIGNAL_LEAD:-}" ]]; then echo "$FORGEPIPE_SIGNAL_LEAD"; return; fi
+    walltime="$(fp_walltime_seconds "$WALLTIME")"
+    if [[ -n "$walltime" ]] && (( walltime / 5 < 600 )); then echo $(( walltime / 5 )); else echo 600; fi
+}
+
+# fp_sbatch_cmd STAGE: FP_SBATCH, the sbatch command and options (no script) for the settings:
+# ACCOUNT, NODES, WALLTIME, PARTITION, QOS, FORGEPIPE_SIGNAL_LEAD, FORGEPIPE_STAGE_IMAGE,
+# FORGEPIPE_ALT_RDZV, SBATCH_ARGS, LOG_DIR. Used by submit.sh and by a job resubmitting itself,
+# so both submit the same job. The settings are exported: the job (and its resubmission) sees them.
+fp_sbatch_cmd() {
+    local stage="$1"
+    : "${WALLTIME:=02:00:00}"
+    : "${LOG_DIR:=$PWD}"
+    export WALLTIME LOG_DIR
+    FP_SBATCH=(sbatch -A "${ACCOUNT:-${SBATCH_ACCOUNT:-${SLURM_JOB_ACCOUNT:-}}}" -N "$NODES" -t "$WALLTIME"
+        -J "forgepipe-$stage" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK"
+        -o "$LOG_DIR/%x-%j.out")
+    FP_SBATCH+=(--signal="B:USR1@$(fp_signal_lead)")
+    [[ -n "${PARTITION:-}" ]] && FP_SBATCH+=(-p "$PARTITION")
+    [[ -n "${QOS:-}" ]] && FP_SBATCH+=(-q "$QOS")
+    [[ "$FORGEPIPE_STAGE_IMAGE" == 1 ]] && FP_SBATCH+=(-C nvme)
+    [[ "$FORGEPIPE_ALT_RDZV" == 1 ]] && FP_SBATCH+=(--network=disable_rdzv_get)
+    if [[ -n "${SBATCH_ARGS:-}" ]]; then
+        local -a extra
+        read -r -a extra <<< "$SBATCH_ARGS"
+        FP_SBATCH+=("${extra[@]}")
+    fi
+    return 0
+}
+
+# --- Walltime: warning signal, checkpoint, resubmission -------------------------------------------
+# Who gets the signal. The batch scripts ask for `--signal=B:USR1@600`: ten minutes before the
+# walltime Slurm signals the batch shell only (B:). fp_on_warning, trapped here, passes the
+# signal on to srun, and srun forwards it to every task of the step: forgepipe itself, or
+# `apptainer exec`, whose starter forwards it to forgepipe in the container. Every rank finishes
+# its optimizer step, they agree to stop, write a checkpoint and exit 85. Without B:, Slurm
+# would signal the tasks directly and forgepipe would stop the same way, but the batch shell
+# would never hear of it, and it must: srun's exit status is not reliably 85 (see fp_launch),
+# and a rank still starting up has no handler yet and dies of the signal. srun runs in the
+# background because bash runs a trap only between commands, never during a foreground srun.
+# slurmstepd delivers a forwarded signal to every process of the step, a rank's children too: a
+# helper a rank runs just then (DeepSpeed's JIT op builds on a CPU node; the image's ops are
+# prebuilt) dies of it, which is why the warning should come well inside training.
+#
+# Then, when the step exited 85 or failed after the warning, did not finish the run, and wrote
+# a checkpoint in this job (else the next job would get no further), the script submits itself
+# again with the same settings and arguments and `--dependency=afterany:<this job>`, so the new
+# job starts when this one has ended, and with RESUME=auto, so it continues from the checkpoint
+# (a pipeline continues with the stage it was in: finished stages are skipped). At most
+# FORGEPIPE_MAX_RESUBMITS times in a chain. `scancel` (SIGTERM to everything, the batch shell
+# included) ends the chain; `scancel -b -s USR1 <job>` stops a job early and continues it in a new one.
+
+fp_on_warning() {
+    FP_WARNED=1
+    echo "forgepipe: walltime warning (SIGUSR1) at $(date +%T): asking every rank to checkpoint and stop"
+    if [[ -n "${FP_STEP_PID:-}" ]]; then kill -USR1 "$FP_STEP_PID" 2>/dev/null || true; fi
+}
+
+fp_wait() {  # fp_wait PID: its exit status; a trapped signal interrupts `wait`, so wait again
+    local rc
+    while :; do
+        rc=0
+        wait "$1" || rc=$?
+        if (( rc > 128 )) && kill -0 "$1" 2>/dev/null; then continue; fi
+        return "$rc"
+    done
+}
+
+# fp_resubmit STAGE [forgepipe args...]: submit this stage again, to start after this job.
+fp_resubmit() {
+    local stage="$1" count="$FORGEPIPE_RESUBMIT_COUNT" arg skip=0 word limit
+    shift
+    if (( count >= FORGEPIPE_MAX_RESUBMITS )); then
+        echo "forgepipe: not resubmitting: $count resubmission(s) already (FORGEPIPE_MAX_RESUBMITS=$FORGEPIPE_MAX_RESUBMITS); submit again to continue" >&2
+        return 0
+    fi
+    # The new job continues from the checkpoint: drop --resume (never, or a directory) from the
+    # arguments and set RESUME=auto; drop --wait and dependencies of the original submission.
+    local -a args=() extra=() words=()
+    for arg in "$@"; do
+        if (( skip )); then skip=0; continue; fi
+        case "$arg" in --resume) skip=1 ;; --resume=*) ;; *) args+=("$arg") ;; esac
+    done
+    read -r -a words <<< "${SBATCH_ARGS:-}"
+    for word in "${words[@]}"; do
+        if (( skip )); then skip=0; continue; fi
+        case "$word" in --wait|-W|--dependency=*|-d?*) ;; --dependency|-d) skip=1 ;; *) extra+=("$word") ;; esac
+    done
+    SBATCH_ARGS="${extra[*]}"
+    if [[ -z "${WALLTIME:-}" ]]; then
+        # Submitted without submit.sh: this job's own limit (squeue prints it in a form that
+        # sbatch -t reads back: M:SS, H:MM:SS or D-HH:MM:SS).
+        limit="$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null || true)"
+        if [[ "$limit" =~ ^[0-9:-]+$ ]]; then WALLTIME="$limit"; fi
+    fi
+    fp_sbatch_cmd "$stage"
+    FP_SBATCH+=(--dependency="afterany:$SLURM_JOB_ID" "$FP_FRONTIER_DIR/$stage.sbatch" "${args[@]}")
+    echo "forgepipe: resubmitting ($((count + 1)) of at most $FORGEPIPE_MAX_RESUBMITS): $(fp_print_cmd "${FP_SBATCH[@]}")"
+    RESUME=auto FORGEPIPE_RESUBMIT_COUNT=$((count + 1)) "${FP_SBATCH[@]}" \
+        || echo "forgepipe: resubmission failed; submit the same job again to continue" >&2
+}
+
 # fp_launch STAGE [forgepipe args...]: the body of every batch script.
 fp_launch() {
     local stage="$1"
     shift
+    FP_WARNED=0
+    FP_STEP_PID=""
+    trap fp_on_warning USR1
     fp_check "$stage" job
     fp_forgepipe_args "$stage" "$@"
     mkdir -p "$OUTPUT_DIR"
@@ -190,12 +316,48 @@ fp_launch() {
         IFS=, read -r -a order <<< "$FORGEPIPE_GCD_ORDER"
         (( ${#order[@]} == GPUS_PER_NODE )) && export HIP_VISIBLE_DEVICES="$FORGEPIPE_GCD_ORDER"
     fi
-    echo "forgepipe: $(fp_print_cmd "${FP_SRUN[@]}")"
-    local rc=0
-    "${FP_SRUN[@]}" || rc=$?
-    if (( rc == FORGEPIPE_EXIT_REQUEUE )) && [[ -n "${SLURM_JOB_ID:-}" && "${FORGEPIPE_REQUEUE:-1}" == 1 ]]; then
-        echo "forgepipe: stopped for resubmission (exit $rc); requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
+    local rc=0 started run_file="$OUTPUT_DIR/forgepipe-run.json"
+    [[ "$stage" == pipeline ]] && run_file="$OUTPUT_DIR/ppo/forgepipe-run.json"  # its last stage's
+    started="$(date +%s)"
+    if (( FP_WARNED )); then
+        echo "forgepipe: the walltime warning came before the run started; not starting it"
+        rc=$FORGEPIPE_EXIT_REQUEUE
+    else
+        echo "forgepipe: $(fp_print_cmd "${FP_SRUN[@]}")"
+        "${FP_SRUN[@]}" &
+        FP_STEP_PID=$!
+        if (( FP_WARNED )); then kill -USR1 "$FP_STEP_PID" 2>/dev/null || true; fi  # came just now
+        fp_wait "$FP_STEP_PID" || rc=$?
+    fi
+    trap - USR1
+    # After the warning any failure counts as a stop: srun's status is the highest of its tasks',
+    # and the first rank to exit 85 makes srun (--kill-on-bad-exit) end the others, so it is often
+    # 143 (SIGTERM), or 138 for a rank still starting up. Every rank exits only after the
+    # checkpoint is complete, and a resumed job starts from the last complete one in any case.
+    # A warning that came as the run was exiting, after it finished, is not a stop.
+    if (( rc != FORGEPIPE_EXIT_REQUEUE )) && fp_newer_than "$started" "$run_file"; then
+        FP_WARNED=0
+    fi
+    if (( rc == FORGEPIPE_EXIT_REQUEUE || (FP_WARNED && rc != 0) )); then
+        echo "forgepipe: the run stopped before the end (exit $rc); its last checkpoint is in $OUTPUT_DIR"
+        if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+            echo "forgepipe: run the same command again to continue (--resume auto)"
+        elif ! fp_newer_than "$started" "$OUTPUT_DIR"/checkpoints/latest "$OUTPUT_DIR"/*/checkpoints/latest; then
+            # Stopped before its first checkpoint: the next job would do the same, and so on.
+            echo "forgepipe: not resubmitting: this job wrote no checkpoint before the warning; give it a longer WALLTIME or a shorter FORGEPIPE_SIGNAL_LEAD" >&2
+        else
+            fp_resubmit "$stage" "$@"
+        fi
+        rc=$FORGEPIPE_EXIT_REQUEUE  # the job's own status: stopped, to be continued
     fi
     return "$rc"
+}
+
+fp_newer_than() {  # fp_newer_than EPOCH FILE...: was any of the files written at or after EPOCH?
+    local since="$1" f
+    shift
+    for f in "$@"; do
+        if [[ -f "$f" ]] && (( $(stat -c %Y "$f") >= since )); then return 0; fi
+    done
+    return 1
 }

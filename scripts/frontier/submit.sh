@@ -5,7 +5,7 @@
 #
 # STAGE: sft | reward | ppo | pipeline. Settings come from the environment: ACCOUNT, NODES (1),
 # WALLTIME (02:00:00), PARTITION, QOS, IMAGE, MODEL, DATA, OUTPUT_DIR, ... (see launch.sh and
-# docs/containers.md); SBATCH_ARGS adds sbatch options (e.g. "--wait"); LOG_DIR holds the job logs.
+# README.md); SBATCH_ARGS adds sbatch options (e.g. "--wait"); LOG_DIR holds the job logs.
 # --dry-run prints the sbatch and srun lines and the resolved forgepipe config without submitting.
 set -euo pipefail
 
@@ -30,19 +30,8 @@ fp_check "$stage" submit
 fp_forgepipe_args "$stage" "${args[@]}"
 fp_srun_cmd "$stage"
 
-: "${WALLTIME:=02:00:00}"
-: "${LOG_DIR:=$PWD}"
-sbatch_cmd=(sbatch -A "${ACCOUNT:-$SBATCH_ACCOUNT}" -N "$NODES" -t "$WALLTIME" -J "forgepipe-$stage"
-    --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" -o "$LOG_DIR/%x-%j.out")
-[[ -n "${PARTITION:-}" ]] && sbatch_cmd+=(-p "$PARTITION")
-[[ -n "${QOS:-}" ]] && sbatch_cmd+=(-q "$QOS")
-[[ "$FORGEPIPE_STAGE_IMAGE" == 1 ]] && sbatch_cmd+=(-C nvme)
-[[ "$FORGEPIPE_ALT_RDZV" == 1 ]] && sbatch_cmd+=(--network=disable_rdzv_get)
-if [[ -n "${SBATCH_ARGS:-}" ]]; then
-    read -r -a extra <<< "$SBATCH_ARGS"
-    sbatch_cmd+=("${extra[@]}")
-fi
-sbatch_cmd+=("$FORGEPIPE_ROOT/scripts/frontier/$stage.sbatch" "${args[@]}")
+fp_sbatch_cmd "$stage"
+sbatch_cmd=("${FP_SBATCH[@]}" "$FORGEPIPE_ROOT/scripts/frontier/$stage.sbatch" "${args[@]}")
 
 if [[ "$dry_run" == 0 ]]; then
     mkdir -p "$LOG_DIR"
