@@ -182,7 +182,16 @@ def run_stage(fn: Callable[[], Any]) -> Any:
         sys.exit(EXIT_PREEMPTED)
 
 
+def catch_stop_signals() -> None:
+    """From the start of a stage command: Slurm's walltime warning (SIGUSR1/SIGTERM) asks for a
+    checkpoint at the next step boundary instead of killing the process mid-start-up."""
+    from forgepipe.loop import STOP
+
+    STOP.install()
+
+
 def make_config(stage: str, config_file: str | None, overrides: dict[str, Any]) -> Config:
+    catch_stop_signals()
     try:
         return build_config(stage, config_file, overrides, LABELS)
     except ForgeError as exc:
@@ -267,6 +276,7 @@ def pipeline(model, reward_model, output_dir, config_file, **kwargs):
     """Stages 1, 2 and 3 in order, each on its share of the data, each export feeding the next."""
     from forgepipe.stages.pipeline import pipeline_configs, run_pipeline
 
+    catch_stop_signals()
     overrides = overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS)
     try:
         configs = pipeline_configs(model, reward_model, output_dir, config_file, overrides, LABELS)

@@ -358,7 +358,7 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
                     last_save = time.monotonic()
                 if stopping:
                     progress.close()
-                    raise Preempted(f"stopped by signal {run.stop.signal} at step {state.step}")
+                    raise Preempted(f"stopped by {run.stop.reason()} at step {state.step}")
             else:
                 state.epoch += 1
                 state.micro_in_epoch = 0
