@@ -3,7 +3,7 @@
 Runs the real CLI (`forgepipe sft`) on a small GPT-NeoX built from the bundled config and reads
 throughput from the run's MLflow metrics (tokens/s counts real tokens only, averaged over the
 logged windows after the first, which includes warm-up). Peak memory is the largest resident set
-of the run's processes (ru_maxrss of the children). Results go to stdout as a Markdown table;
+of one of the run's processes (ru_maxrss of a wrapper's children): the heaviest rank. Results go to stdout as a Markdown table;
 record them with the command in bench/RESULTS.md.
 
     .venv/bin/python bench/bench_sft.py --steps 20 --hidden 256 --layers 4
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
+
+
+MEASURE = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
 
 
 def run(model: Path, work: Path, name: str, zero: int, nproc: int, dtype: str, steps: int, batch: int) -> dict:
@@ -35,13 +40,14 @@ def run(model: Path, work: Path, name: str, zero: int, nproc: int, dtype: str, s
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "forgepipe.cli"]
            if nproc > 1 else [sys.executable, "-m", "forgepipe.cli"]) + args
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)), "PYTHONWARNINGS": "ignore"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # A wrapper process per run, so that its children's peak RSS (the largest single rank's) is this run's own.
+    wrapper = [sys.executable, "-c", MEASURE, *cmd]
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(wrapper, env=env, capture_output=True, text=True)
     wall = time.monotonic() - start
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    peak_mib = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    peak_mib = int(proc.stdout.strip().splitlines()[-1]) / 1024
 
     import mlflow
 
@@ -76,7 +82,7 @@ def main() -> None:
             rows.append(run(model, work, f"z{zero}-r{ranks}-{dtype}", int(zero), int(ranks), dtype,
                             args.steps, args.batch))
             print(rows[-1], file=sys.stderr, flush=True)
-    print("| ZeRO | ranks | dtype | tokens/s | samples/s | wall s | peak RSS MiB |")
+    print("| ZeRO | ranks | dtype | tokens/s | samples/s | wall s | peak RSS per rank MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['zero']} | {r['ranks']} | {r['dtype']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.1f} "

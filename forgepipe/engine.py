@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -14,6 +16,25 @@ from forgepipe.loop import lr_factor
 log = logging.getLogger(__name__)
 
 NO_DECAY = ("bias", "norm", "layernorm", "ln_f")
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict) -> Iterator[None]:
+    """Models built inside load straight into ZeRO-3 partitions (transformers' DeepSpeed
+    integration wraps from_pretrained in deepspeed.zero.Init), so no rank ever holds a whole
+    copy: 8 ranks of a Frontier node loading forge-l (25.6B, bf16) in full would need ~410 GB
+    of its 512 GB. Outside stage 3 it does nothing. Collective: every rank builds the model."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
 
 
 def parameter_count(model: torch.nn.Module) -> int:

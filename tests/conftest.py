@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,23 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A port no one is listening on, so that multi-rank runs never collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), *args]
+
+
 def run_forgepipe(args: list[str], *, nproc: int = 1, cwd: Path | None = None, timeout: int = 600,
                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process (under torchrun for several ranks)."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29600 + os.getpid() % 1000), "-m", "forgepipe.cli", *args]
+        cmd = torchrun(nproc, "-m", "forgepipe.cli", *args)
     else:
         cmd = [sys.executable, "-m", "forgepipe.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=timeout)

@@ -14,7 +14,6 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from conftest import (
     metric_values,
     mlflow_run,
     run_forgepipe,
+    torchrun,
 )
 
 pytestmark = pytest.mark.slow
@@ -160,8 +160,7 @@ def test_zero3_generation_with_uneven_lengths_across_ranks(tiny_model, tmp_path)
     script = tmp_path / "uneven.py"
     script.write_text(UNEVEN_GENERATION)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
-         str(script), str(tiny_model)],
+        torchrun(2, str(script), str(tiny_model)),
         env=child_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -68,13 +68,11 @@ def test_sft_zero3_two_ranks_and_checkpoint_reload(tiny_model, tmp_path):
     check = tmp_path / "reload.py"
     check.write_text(RELOAD_SCRIPT)
     import subprocess
-    import sys
 
-    from conftest import child_env
+    from conftest import child_env, torchrun
 
     reload = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-         str(check), str(tiny_model), str(out)],
+        torchrun(2, str(check), str(tiny_model), str(out)),
         env=child_env(), capture_output=True, text=True, timeout=600,
     )
     assert reload.returncode == 0, reload.stderr[-3000:]

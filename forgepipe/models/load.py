@@ -147,11 +147,12 @@ def prepare_model(model: PreTrainedModel, *, tokenizer: PreTrainedTokenizerBase 
                   gradient_checkpointing: bool) -> None:
     """Embedding size and pad id from the tokenizer; checkpointing. Shared by LM and scalar models."""
     if tokenizer is not None:
-        rows = model.get_input_embeddings().weight.shape[0]
+        weight = model.get_input_embeddings().weight
+        rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions hold an empty tensor
         if len(tokenizer) > rows:
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-            log.info("resized embeddings %d -> %d for the tokenizer", rows,
-                     model.get_input_embeddings().weight.shape[0])
+            weight = model.get_input_embeddings().weight
+            log.info("resized embeddings %d -> %d for the tokenizer", rows, getattr(weight, "ds_shape", weight.shape)[0])
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -21,7 +21,7 @@ from forgepipe.data import load_stage_data
 from forgepipe.data.collate import PairCollator
 from forgepipe.data.tokenize import tokenize_pairs
 from forgepipe.deepspeed_config import build_ds_config
-from forgepipe.engine import initialize, train_flops_per_token
+from forgepipe.engine import initialize, train_flops_per_token, zero3_loading
 from forgepipe.errors import ForgeError
 from forgepipe.loop import eval_batches, total_steps, train_loop
 from forgepipe.models.catalog import resolve_model
@@ -112,7 +112,9 @@ def run_reward(cfg: Config, parent_run_id: str | None = None) -> str:
                                      gradient_checkpointing=gradient_checkpointing, lora=lora,
                                      trust_remote_code=cfg.model.trust_remote_code)
 
-        engine = initialize(build_model(cfg.model.gradient_checkpointing), ds_json,
+        with zero3_loading(ds_json):
+            model = build_model(cfg.model.gradient_checkpointing)
+        engine = initialize(model, ds_json,
                             weight_decay=cfg.train.weight_decay, total_steps=steps,
                             warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
         run.resume({"model": engine})

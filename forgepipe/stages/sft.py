@@ -17,7 +17,7 @@ from forgepipe.data import load_stage_data
 from forgepipe.data.collate import SFTCollator, pack_sequences
 from forgepipe.data.tokenize import tokenize_sft
 from forgepipe.deepspeed_config import build_ds_config
-from forgepipe.engine import initialize, train_flops_per_token
+from forgepipe.engine import initialize, train_flops_per_token, zero3_loading
 from forgepipe.errors import ForgeError
 from forgepipe.loop import eval_batches, total_steps, train_loop
 from forgepipe.models.catalog import resolve_model
@@ -83,7 +83,9 @@ def run_sft(cfg: Config, parent_run_id: str | None = None) -> str:
                                   gradient_checkpointing=cfg.model.gradient_checkpointing,
                                   lora=lora, trust_remote_code=cfg.model.trust_remote_code)
 
-        engine = initialize(build_model(), ds_json, weight_decay=cfg.train.weight_decay, total_steps=steps,
+        with zero3_loading(ds_json):
+            model = build_model()
+        engine = initialize(model, ds_json, weight_decay=cfg.train.weight_decay, total_steps=steps,
                             warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
         run.resume({"model": engine})
         settings.flops_per_token = train_flops_per_token(engine.module)

@@ -24,7 +24,7 @@ from forgepipe.data import load_stage_data, load_text_data
 from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
 from forgepipe.deepspeed_config import build_ds_config, validate_launch
-from forgepipe.engine import initialize
+from forgepipe.engine import initialize, zero3_loading
 from forgepipe.errors import ForgeError
 from forgepipe.loop import Preempted, checkpoint_due, epoch_order, rank_batches
 from forgepipe.models.catalog import resolve_model
@@ -284,15 +284,20 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
 
         schedule = dict(weight_decay=cfg.train.weight_decay, total_steps=optimizer_steps,
                         warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
-        actor = initialize(build_actor(cfg.model.gradient_checkpointing), ds_configs["actor"], **schedule)
-        ref = initialize(build_actor(lora=None), ds_configs["ref"])
-        critic = initialize(
-            load_scalar_model(critic_path, dtype=cfg.train.dtype, tokenizer=tokenizer, lora=critic_lora,
-                              gradient_checkpointing=p.critic_gradient_checkpointing,
-                              trust_remote_code=cfg.model.trust_remote_code),
-            ds_configs["critic"], **schedule)
-        reward = initialize(load_scalar_model(reward_path, dtype=cfg.train.dtype, tokenizer=reward_tokenizer,
-                                              trust_remote_code=cfg.model.trust_remote_code), ds_configs["reward"])
+        def engine(name: str, build, **kwargs):
+            with zero3_loading(ds_configs[name]):  # ZeRO-3: load straight into partitions
+                model = build()
+            return initialize(model, ds_configs[name], **kwargs)
+
+        actor = engine("actor", lambda: build_actor(cfg.model.gradient_checkpointing), **schedule)
+        ref = engine("ref", lambda: build_actor(lora=None))
+        critic = engine("critic", lambda: load_scalar_model(
+            critic_path, dtype=cfg.train.dtype, tokenizer=tokenizer, lora=critic_lora,
+            gradient_checkpointing=p.critic_gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code),
+            **schedule)
+        reward = engine("reward", lambda: load_scalar_model(
+            reward_path, dtype=cfg.train.dtype, tokenizer=reward_tokenizer,
+            trust_remote_code=cfg.model.trust_remote_code))
         run.resume({"actor": actor, "critic": critic})
         state = run.state
 
