@@ -2,8 +2,10 @@
 
 Runs the real CLI (`forgepipe sft`) on a small GPT-NeoX built from the bundled config and reads
 throughput from the run's MLflow metrics (tokens/s counts real tokens only, averaged over the
-logged windows after the first, which includes warm-up). Peak memory is the largest resident set
-of one of the run's processes (ru_maxrss of a wrapper's children): the heaviest rank. Results go to stdout as a Markdown table;
+logged windows after the first, which includes warm-up). Memory: the training peak is the run's
+`mem/host_peak_rss_gib` metric (resident set, mean over ranks, up to the last step, before the
+export); the whole-run peak is the heaviest process over the run, export included (ru_maxrss of a
+wrapper's children). Results go to stdout as a Markdown table;
 record them with the command in bench/RESULTS.md.
 
     .venv/bin/python bench/bench_sft.py --steps 20 --hidden 256 --layers 4
@@ -56,7 +58,8 @@ def run(model: Path, work: Path, name: str, zero: int, nproc: int, dtype: str, s
                               filter_string=f"tags.mlflow.runName = '{name}'")
     history = sorted(client.get_metric_history(runs[0].info.run_id, "perf/tokens_per_s"), key=lambda m: m.step)
     samples = sorted(client.get_metric_history(runs[0].info.run_id, "perf/samples_per_s"), key=lambda m: m.step)
-    return {"name": name, "zero": zero, "ranks": nproc, "dtype": dtype,
+    train_rss = max(m.value for m in client.get_metric_history(runs[0].info.run_id, "mem/host_peak_rss_gib")) * 1024
+    return {"name": name, "zero": zero, "ranks": nproc, "dtype": dtype, "train_rss_mib": train_rss,
             "tokens_per_s": statistics.median(m.value for m in history[1:]),
             "samples_per_s": statistics.median(m.value for m in samples[1:]),
             "wall_s": wall, "peak_rss_mib": peak_mib}
@@ -82,11 +85,11 @@ def main() -> None:
             rows.append(run(model, work, f"z{zero}-r{ranks}-{dtype}", int(zero), int(ranks), dtype,
                             args.steps, args.batch))
             print(rows[-1], file=sys.stderr, flush=True)
-    print("| ZeRO | ranks | dtype | tokens/s | samples/s | wall s | peak RSS per rank MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ZeRO | ranks | dtype | tokens/s | samples/s | wall s | training peak RSS/rank MiB | whole-run peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['zero']} | {r['ranks']} | {r['dtype']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.1f} "
-              f"| {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+              f"| {r['wall_s']:.1f} | {r['train_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,20 @@ def eval_batches(n: int, rank: int, world_size: int, batch: int) -> list[tuple[l
     return out
 
 
+def memory_metrics(world_size: int) -> dict[str, float]:
+    """Peak memory so far, averaged over ranks: the device's allocator on GPUs, the process's
+    resident set on the host (ru_maxrss is KiB on Linux). Collective."""
+    import resource
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    device = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    host, device = dist.all_reduce_sum([host, device])
+    out = {"mem/host_peak_rss_gib": host / world_size}
+    if torch.cuda.is_available():
+        out["mem/device_peak_gib"] = device / world_size
+    return out
+
+
 def checkpoint_due(step: int, save_every: int, save_every_minutes: float, seconds_since_save: float) -> bool:
     """Every `save_every` steps and/or every `save_every_minutes` minutes (0 turns either off)."""
     by_steps = save_every > 0 and step % save_every == 0
@@ -244,6 +258,7 @@ def train_loop(
                     "perf/tokens_per_s": sums[3] / elapsed,
                 }
                 record.update({f"train/{k}": v / sums[1] for k, v in zip(keys, sums[4:], strict=True)})
+                record.update(memory_metrics(world.world_size))
                 if s.flops_per_token:
                     tflops = s.flops_per_token * sums[3] / elapsed / world.world_size / 1e12
                     record["perf/model_tflops_per_s"] = tflops

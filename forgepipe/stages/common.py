@@ -18,6 +18,7 @@ from forgepipe import distributed as dist
 from forgepipe.checkpoint import find_latest, load_checkpoint, read_loop_state
 from forgepipe.config import Config
 from forgepipe.deepspeed_config import PROFILE_FILE, validate_launch
+from forgepipe.engine import initialize, zero3_loading
 from forgepipe.errors import ForgeError
 from forgepipe.loop import STOP, LoopSettings, LoopState, StopRequest
 from forgepipe.tracking import Tracker, write_json_atomic
@@ -133,6 +134,21 @@ class StageRun:
             self.tracker.log_environment()
         if self.world.is_main:
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    def data_fingerprint(self, model_path: str) -> dict[str, Any]:
+        """What a supervised stage's resume must match (StageRun.begin adds stage and world size)."""
+        d = self.cfg.data
+        return {"model": model_path, "data": list(d.sources), "split": d.split, "seed": self.cfg.train.seed,
+                "max_seq_len": d.max_seq_len}
+
+    def build_engine(self, ds_json: dict, build_model, *, total_steps: int | None = None):
+        """A DeepSpeed engine around `build_model()`, loaded straight into ZeRO-3 partitions at
+        stage 3; trained with the config's schedule when the JSON has an optimizer, frozen otherwise."""
+        with zero3_loading(ds_json):
+            model = build_model()
+        t = self.cfg.train
+        return initialize(model, ds_json, weight_decay=t.weight_decay, total_steps=total_steps or 0,
+                          warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio)
 
     def resume(self, engines: dict[str, Any]) -> None:
         """Restore engines, RNG and loop state from the checkpoint found at start, if any."""

@@ -21,7 +21,7 @@ from forgepipe.data import load_stage_data
 from forgepipe.data.collate import PairCollator
 from forgepipe.data.tokenize import tokenize_pairs
 from forgepipe.deepspeed_config import build_ds_config
-from forgepipe.engine import initialize, train_flops_per_token, zero3_loading
+from forgepipe.engine import train_flops_per_token
 from forgepipe.errors import ForgeError
 from forgepipe.loop import eval_batches, total_steps, train_loop
 from forgepipe.models.catalog import resolve_model
@@ -98,9 +98,7 @@ def run_reward(cfg: Config, parent_run_id: str | None = None) -> str:
         steps = total_steps(len(train_data), run.world.world_size, settings)
         ds_json = build_ds_config(cfg, run.world)
         run.begin(
-            fingerprint={"model": model_path, "data": list(cfg.data.sources), "split": cfg.data.split,
-                         "seed": cfg.train.seed, "max_seq_len": cfg.data.max_seq_len},
-            ds_configs={"model": ds_json},
+            fingerprint=run.data_fingerprint(model_path), ds_configs={"model": ds_json},
         )
         run.tracker.log_params({"data.train_pairs": len(train_data), "data.eval_pairs": len(eval_data or []),
                                 "data.identical_pairs_dropped": dropped + eval_dropped,
@@ -112,11 +110,7 @@ def run_reward(cfg: Config, parent_run_id: str | None = None) -> str:
                                      gradient_checkpointing=gradient_checkpointing, lora=lora,
                                      trust_remote_code=cfg.model.trust_remote_code)
 
-        with zero3_loading(ds_json):
-            model = build_model(cfg.model.gradient_checkpointing)
-        engine = initialize(model, ds_json,
-                            weight_decay=cfg.train.weight_decay, total_steps=steps,
-                            warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
+        engine = run.build_engine(ds_json, lambda: build_model(cfg.model.gradient_checkpointing), total_steps=steps)
         run.resume({"model": engine})
         settings.flops_per_token = train_flops_per_token(engine.module)
         evaluate = None

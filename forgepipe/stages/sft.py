@@ -17,7 +17,7 @@ from forgepipe.data import load_stage_data
 from forgepipe.data.collate import SFTCollator, pack_sequences
 from forgepipe.data.tokenize import tokenize_sft
 from forgepipe.deepspeed_config import build_ds_config
-from forgepipe.engine import initialize, train_flops_per_token, zero3_loading
+from forgepipe.engine import train_flops_per_token
 from forgepipe.errors import ForgeError
 from forgepipe.loop import eval_batches, total_steps, train_loop
 from forgepipe.models.catalog import resolve_model
@@ -69,9 +69,7 @@ def run_sft(cfg: Config, parent_run_id: str | None = None) -> str:
         steps = total_steps(len(train_data), run.world.world_size, settings)
         ds_json = build_ds_config(cfg, run.world)
         run.begin(
-            fingerprint={"model": model_path, "data": list(cfg.data.sources), "split": cfg.data.split,
-                         "seed": cfg.train.seed, "max_seq_len": cfg.data.max_seq_len},
-            ds_configs={"model": ds_json},
+            fingerprint=run.data_fingerprint(model_path), ds_configs={"model": ds_json},
         )
         run.tracker.log_params({"data.train_samples": len(train_data),
                                 "data.eval_samples": len(eval_data) if eval_data else 0, "train.total_steps": steps})
@@ -83,10 +81,7 @@ def run_sft(cfg: Config, parent_run_id: str | None = None) -> str:
                                   gradient_checkpointing=cfg.model.gradient_checkpointing,
                                   lora=lora, trust_remote_code=cfg.model.trust_remote_code)
 
-        with zero3_loading(ds_json):
-            model = build_model()
-        engine = initialize(model, ds_json, weight_decay=cfg.train.weight_decay, total_steps=steps,
-                            warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
+        engine = run.build_engine(ds_json, build_model, total_steps=steps)
         run.resume({"model": engine})
         settings.flops_per_token = train_flops_per_token(engine.module)
         evaluate = None

@@ -24,7 +24,6 @@ from forgepipe.data import load_stage_data, load_text_data
 from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
 from forgepipe.deepspeed_config import build_ds_config, validate_launch
-from forgepipe.engine import initialize, zero3_loading
 from forgepipe.errors import ForgeError
 from forgepipe.loop import Preempted, checkpoint_due, epoch_order, rank_batches
 from forgepipe.models.catalog import resolve_model
@@ -282,22 +281,15 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
                                   gradient_checkpointing=gradient_checkpointing,
                                   trust_remote_code=cfg.model.trust_remote_code)
 
-        schedule = dict(weight_decay=cfg.train.weight_decay, total_steps=optimizer_steps,
-                        warmup_ratio=cfg.train.warmup_ratio, min_lr_ratio=cfg.train.min_lr_ratio)
-        def engine(name: str, build, **kwargs):
-            with zero3_loading(ds_configs[name]):  # ZeRO-3: load straight into partitions
-                model = build()
-            return initialize(model, ds_configs[name], **kwargs)
-
-        actor = engine("actor", lambda: build_actor(cfg.model.gradient_checkpointing), **schedule)
-        ref = engine("ref", lambda: build_actor(lora=None))
-        critic = engine("critic", lambda: load_scalar_model(
+        actor = run.build_engine(ds_configs["actor"], lambda: build_actor(cfg.model.gradient_checkpointing),
+                                 total_steps=optimizer_steps)
+        ref = run.build_engine(ds_configs["ref"], lambda: build_actor(lora=None))
+        critic = run.build_engine(ds_configs["critic"], lambda: load_scalar_model(
             critic_path, dtype=cfg.train.dtype, tokenizer=tokenizer, lora=critic_lora,
             gradient_checkpointing=p.critic_gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code),
-            **schedule)
-        reward = engine("reward", lambda: load_scalar_model(
-            reward_path, dtype=cfg.train.dtype, tokenizer=reward_tokenizer,
-            trust_remote_code=cfg.model.trust_remote_code))
+            total_steps=optimizer_steps)
+        reward = run.build_engine(ds_configs["reward"], lambda: load_scalar_model(
+            reward_path, dtype=cfg.train.dtype, tokenizer=reward_tokenizer, trust_remote_code=cfg.model.trust_remote_code))
         run.resume({"actor": actor, "critic": critic})
         state = run.state
 
