@@ -14,6 +14,7 @@ import sys
 import typing
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -212,11 +213,15 @@ def main(verbose: bool) -> None:
 
 def _done(what: str, model_dir: str, cfg: Config) -> None:
     from forgepipe.distributed import is_main_process
+    from forgepipe.stages.common import RUN_FILE
     from forgepipe.tracking import resolve_tracking_uri
 
     if is_main_process():
+        run_file = Path(cfg.output_dir) / RUN_FILE
+        run_id = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
         click.echo(f"{what} model: {model_dir}")
-        click.echo(f"MLflow: {resolve_tracking_uri(cfg.tracking.uri)} (experiment {cfg.tracking.experiment!r})")
+        click.echo(f"MLflow: {resolve_tracking_uri(cfg.tracking.uri)} (experiment {cfg.tracking.experiment!r}"
+                   + (f", run {run_id})" if run_id else ")"))
 
 
 @main.command()
