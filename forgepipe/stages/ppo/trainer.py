@@ -268,9 +268,9 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
                          "generation_batch_size": gen_batch, "max_prompt_len": cfg.data.max_prompt_len},
             ds_configs=ds_configs,
         )
-        if run.resume_from is None:  # MLflow refuses to change a param (a resume may extend --max-steps)
-            run.tracker.log_params({"data.train_prompts": len(prompts), "train.total_steps": steps,
-                                    "train.optimizer_steps": optimizer_steps})
+        # On a resumed run the tracker keeps the first values and tags changed ones (resumed.*).
+        run.tracker.log_params({"data.train_prompts": len(prompts), "train.total_steps": steps,
+                                "train.optimizer_steps": optimizer_steps})
 
         # --- models
         actor_lora = LoraSettings.from_model_config(cfg.model)
