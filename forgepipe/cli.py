@@ -62,6 +62,7 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--save-every-minutes", "train.save_every_minutes", "Checkpoint every M minutes (0: off)."),
     ("--keep-last", "train.keep_last", "Checkpoints kept on disk."),
     ("--peak-tflops", "train.peak_tflops", "Per-device peak TFLOP/s for MFU (MI250X GCD bf16: 191.5)."),
+    ("--dist-timeout-minutes", "train.dist_timeout_minutes", "A collective stuck this long aborts the job."),
     ("--resume", "train.resume", "auto (continue from the output dir's checkpoint), never, or a checkpoint dir."),
     ("--tracking-uri", "tracking.uri", "MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)."),
     ("--experiment", "tracking.experiment", "MLflow experiment name."),

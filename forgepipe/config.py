@@ -74,6 +74,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "auto"  # auto | never | a checkpoint directory
     peak_tflops: float = 0.0  # per-device peak for MFU (MI250X GCD bf16: 191.5, H100 SXM bf16: 989); 0: off
+    dist_timeout_minutes: float = 30.0  # a collective stuck this long aborts the job instead of hanging it
 
 
 @dataclass
@@ -355,6 +356,8 @@ def validate(cfg: Config) -> None:
             raise ForgeError(f"{name}: must not be negative, got {value}")
     if t.lr <= 0:
         raise ForgeError(f"--lr: must be positive, got {t.lr}")
+    if not t.dist_timeout_minutes > 0:
+        raise ForgeError(f"--dist-timeout-minutes: must be positive, got {t.dist_timeout_minutes}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ForgeError(f"--eval-fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= t.warmup_ratio < 1.0:

@@ -119,6 +119,8 @@ def detect_world(env: dict[str, str] | None = None) -> World:
 
 
 def device_for(world: World) -> torch.device:
+    """The one place that picks this rank's compute device: every engine, frozen model and
+    batch follows it (engines read it back from `torch.cuda.current_device()`)."""
     if torch.cuda.is_available():  # ROCm builds answer here too
         count = torch.cuda.device_count()
         # With one visible device per rank (srun --gpu-bind) it is device 0; with all visible,
@@ -127,11 +129,18 @@ def device_for(world: World) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(world: World | None = None) -> World:
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def init_distributed(world: World | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> World:
     """Initialise torch.distributed (NCCL/RCCL on GPUs, gloo on CPU) and return the World.
 
     Safe to call twice. With a single plain process it still creates a one-rank group so that
-    DeepSpeed finds one and does not try to discover a launcher itself.
+    DeepSpeed finds one and does not try to discover a launcher itself. The rank's GPU is made
+    current before the group exists (NCCL binds its communicator to it). A collective that does
+    not complete in `timeout_minutes` aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1)
+    instead of hanging the job; a rank that dies outright is handled faster by the launcher
+    (srun --kill-on-bad-exit, torchrun's agent).
     """
     world = world or detect_world()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -144,6 +153,7 @@ def init_distributed(world: World | None = None) -> World:
         MASTER_ADDR=world.master_addr,
         MASTER_PORT=str(world.master_port),
     )
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if world.world_size == 1 and world.launcher == "single":
         # A free port, so that two single-process runs on one machine never collide.
         with socket.socket() as s:
@@ -157,7 +167,7 @@ def init_distributed(world: World | None = None) -> World:
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=False,
-        timeout=datetime.timedelta(minutes=30),
+        timeout=datetime.timedelta(minutes=timeout_minutes),
     )
     return world
 
@@ -166,17 +176,57 @@ def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def barrier() -> None:
-    if is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
 def current_rank() -> int:
     return torch.distributed.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def is_main_process() -> bool:
     return current_rank() == 0
+
+
+# ---------------------------------------------------------------------------
+# Collectives. Every collective forgepipe issues goes through these few functions (a test
+# greps that no other module calls torch.distributed): NCCL/RCCL serve GPU tensors only, gloo
+# serves CPU tensors, and a tensor on the wrong side fails at the first multi-rank step
+# ("No backend type associated with device type cpu").
+
+
+def _distributed() -> bool:
+    return is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def comm_device() -> torch.device:
+    """The device the default process group's collectives take tensors on.
+
+    Read from the backend itself (torch's registry of which device types each backend serves),
+    so gloo gives the CPU, NCCL/RCCL the current GPU, and any other backend its own device.
+    """
+    if not is_initialized():
+        return torch.device("cpu")
+    backend = str(torch.distributed.get_backend()).lower()
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": one backend per device type
+        types = [part.split(":")[0] for part in backend.split(",")]
+    else:
+        types = torch.distributed.Backend.backend_capability.get(backend, ["cuda"])
+    if "cpu" in types:
+        return torch.device("cpu")
+    kind = types[0]
+    module = getattr(torch, kind, None)
+    index = module.current_device() if module is not None and hasattr(module, "current_device") else None
+    return torch.device(kind, index)
+
+
+def barrier() -> None:
+    """Every rank waits here for all the others (host-blocking)."""
+    if not _distributed():
+        return
+    device = comm_device()
+    if device.type == "cpu":
+        torch.distributed.barrier()
+    elif device.index is not None:
+        torch.distributed.barrier(device_ids=[device.index])  # NCCL: on this rank's GPU, not a guess
+    else:
+        torch.distributed.all_reduce(torch.zeros(1, device=device))
 
 
 @contextlib.contextmanager
@@ -193,20 +243,46 @@ def main_process_first() -> Iterator[None]:
 
 def broadcast_object(obj):
     """Rank 0's value of a picklable object, on every rank."""
-    if not is_initialized() or torch.distributed.get_world_size() == 1:
+    if not _distributed():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
+    torch.distributed.broadcast_object_list(box, src=0, device=comm_device())
     return box[0]
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over ranks (metrics); identity on one process."""
-    if not is_initialized() or torch.distributed.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`tensor` reduced over ranks (op: sum | max | min), on the device it came from.
+
+    The tensor visits the process group's device for the collective; a GPU tensor under NCCL
+    never leaves the GPU, and no host synchronisation happens here.
+    """
+    if not _distributed():
+        return tensor
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+           "min": torch.distributed.ReduceOp.MIN}
+    buffer = tensor.to(comm_device(), copy=True)
+    torch.distributed.all_reduce(buffer, op=ops[op])
+    return buffer.to(tensor.device)
+
+
+def all_reduce_sum(values) -> list[float]:
+    """Sum a few numbers over ranks (metrics, counts, flags): floats, or 0-d tensors that stay on
+    their device until this one transfer. Summed in float64; identity on one process."""
+    if not any(torch.is_tensor(v) for v in values) and not _distributed():
+        return [float(v) for v in values]
+    device = comm_device()
+    stacked = torch.stack([v.detach().to(device=device, dtype=torch.float64).reshape(()) if torch.is_tensor(v)
+                           else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
+    return all_reduce(stacked).tolist()
+
+
+def min_max(values: list[float]) -> tuple[list[float], list[float]]:
+    """(per-value minimum, per-value maximum) over ranks, in one collective."""
+    t = torch.tensor([float(v) for v in values] + [-float(v) for v in values], dtype=torch.float64,
+                     device=comm_device())
+    out = all_reduce(t, "max").tolist()
+    n = len(values)
+    return [-x for x in out[n:]], out[:n]
 
 
 def teardown() -> None:

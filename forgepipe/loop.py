@@ -83,17 +83,22 @@ def eval_batches(n: int, rank: int, world_size: int, batch: int) -> list[tuple[l
     return out
 
 
-def memory_metrics(world_size: int) -> dict[str, float]:
-    """Peak memory so far, averaged over ranks: the device's allocator on GPUs, the process's
-    resident set on the host (ru_maxrss is KiB on Linux). Collective."""
+def memory_metrics() -> dict[str, float]:
+    """Peak memory so far, min and max over ranks (a lopsided rank is what runs out first): the
+    process's resident set on the host (ru_maxrss is KiB on Linux) and, on GPUs, the caching
+    allocator's peak allocated and reserved bytes on this rank's device. Collective."""
     import resource
 
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    device = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    host, device = dist.all_reduce_sum([host, device])
-    out = {"mem/host_peak_rss_gib": host / world_size}
-    if torch.cuda.is_available():
-        out["mem/device_peak_gib"] = device / world_size
+    names = ["mem/host_peak_rss_gib"]
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]
+    if torch.cuda.is_available():  # ROCm too
+        names += ["mem/device_peak_allocated_gib", "mem/device_peak_reserved_gib"]
+        values += [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
+    low, high = dist.min_max(values)
+    out = {}
+    for name, lo, hi in zip(names, low, high, strict=True):
+        out[f"{name}_min"] = lo
+        out[f"{name}_max"] = hi
     return out
 
 
@@ -215,7 +220,13 @@ def train_loop(
     device = engine.device
     progress = tqdm(total=steps_total, initial=state.step, desc="train", disable=not world.is_main, dynamic_ncols=True)
     last_save = time.monotonic()
-    window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "time": time.monotonic(), "extra": {}}
+
+    def fresh_window() -> dict[str, Any]:
+        # Sums stay on the device until the log step: no host synchronisation per micro-batch.
+        return {"loss": torch.zeros((), dtype=torch.float32, device=device), "micro": 0, "samples": 0,
+                "tokens": 0, "time": time.monotonic(), "extra": {}}
+
+    window = fresh_window()
 
     def checkpoint(tag: str) -> None:
         save_checkpoint({"model": engine}, output_dir, tag, state.to_dict(), s.keep_last)
@@ -223,20 +234,22 @@ def train_loop(
     while state.step < steps_total:
         batches = rank_batches(epoch_order(len(train_data), s.seed, state.epoch), world.rank,
                                world.world_size, s.micro_batch, s.grad_accum)
-        loader = DataLoader(train_data, batch_sampler=batches[state.micro_in_epoch:], collate_fn=collate)
+        loader = DataLoader(train_data, batch_sampler=batches[state.micro_in_epoch:], collate_fn=collate,
+                            pin_memory=device.type == "cuda")
         engine.train()
         for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            window["tokens"] += count_tokens(batch)  # on the host, before the copy
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             boundary = engine.is_gradient_accumulation_boundary()
             loss, metrics = loss_fn(engine, batch)
             engine.backward(loss)
             engine.step()
             state.micro_in_epoch += 1
-            window["loss"] += float(loss.detach())
+            window["loss"] += loss.detach().float()
             window["micro"] += 1
             window["samples"] += s.micro_batch
-            window["tokens"] += count_tokens(batch)
             for k, v in metrics.items():
+                v = v.detach().float() if torch.is_tensor(v) else float(v)
                 window["extra"][k] = window["extra"].get(k, 0.0) + v
             if not boundary:
                 continue
@@ -249,7 +262,7 @@ def train_loop(
                     [window["loss"], window["micro"], window["samples"], window["tokens"]]
                     + [window["extra"][k] for k in keys]
                 )
-                elapsed = max(1e-9, time.monotonic() - window["time"])
+                elapsed = max(1e-9, time.monotonic() - window["time"])  # after the sync above
                 loss_mean = sums[0] / sums[1]
                 record = {
                     "train/loss": loss_mean,
@@ -258,7 +271,7 @@ def train_loop(
                     "perf/tokens_per_s": sums[3] / elapsed,
                 }
                 record.update({f"train/{k}": v / sums[1] for k, v in zip(keys, sums[4:], strict=True)})
-                record.update(memory_metrics(world.world_size))
+                record.update(memory_metrics())
                 if s.flops_per_token:
                     tflops = s.flops_per_token * sums[3] / elapsed / world.world_size / 1e12
                     record["perf/model_tflops_per_s"] = tflops
@@ -268,8 +281,7 @@ def train_loop(
                 state.tokens_seen += int(sums[3])
                 tracker.log_metrics(record, step=state.step)
                 progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['train/lr']:.2e}")
-                window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0,
-                          "time": time.monotonic(), "extra": {}}
+                window = fresh_window()
             if evaluate and s.eval_every and state.step % s.eval_every == 0 and state.step < steps_total:
                 tracker.log_metrics(evaluate(engine), step=state.step)
                 engine.train()

@@ -76,7 +76,7 @@ class StageRun:
         self._created_output = not self.output_dir.exists()
         self.resume_from = self._find_resume()
         self._owns_process_group = not dist.is_initialized()  # a pipeline keeps one for all stages
-        dist.init_distributed(self.world)
+        dist.init_distributed(self.world, timeout_minutes=self.cfg.train.dist_timeout_minutes)
         torch.manual_seed(self.cfg.train.seed)
         return self
 

@@ -83,7 +83,8 @@ def run_pipeline(configs: dict[str, Config]) -> str:
 
     runners = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}
     root = Path(configs["sft"].output_dir).parent
-    world = dist.init_distributed(dist.detect_world())
+    world = dist.init_distributed(dist.detect_world(),
+                                  timeout_minutes=configs["sft"].train.dist_timeout_minutes)
     tracker = Tracker(enabled=False)
     status = "FAILED"
     try:

@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
-    """Bradley-Terry: mean of -log sigmoid(chosen - rejected - margin)."""
-    diff = chosen - rejected
+    """Bradley-Terry: mean of -log sigmoid(chosen - rejected - margin), in float32 whatever the
+    model's dtype (a bf16 difference of two close scores is mostly rounding)."""
+    diff = chosen.float() - rejected.float()
     if margin is not None:
-        diff = diff - margin
+        diff = diff - margin.float()
     return -F.logsigmoid(diff).mean()
 
 
@@ -51,23 +52,23 @@ def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def reward_loss(engine, batch):
     chosen, rejected = pair_scores(engine, batch)
     loss = pairwise_loss(chosen, rejected, batch.get("margin"))
-    return loss, {"accuracy": float((chosen > rejected).float().mean())}
+    return loss, {"accuracy": (chosen > rejected).float().mean()}  # a device tensor: no sync here
 
 
 @torch.no_grad()
 def evaluate_reward(engine, data, collate, batch_size: int, world: dist.World) -> dict[str, float]:
     """Held-out accuracy (chosen scored above rejected), mean scores and their gap."""
     engine.eval()
-    correct = chosen_sum = rejected_sum = count = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # correct, chosen, rejected
+    count = 0.0
     for idx, weight in eval_batches(len(data), world.rank, world.world_size, batch_size):
         batch = collate([data[i] for i in idx])
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
         chosen, rejected = pair_scores(engine, batch)
-        correct += float((chosen > rejected).sum()) * weight
-        chosen_sum += float(chosen.sum()) * weight
-        rejected_sum += float(rejected.sum()) * weight
+        chosen, rejected = chosen.double(), rejected.double()
+        sums += torch.stack([(chosen > rejected).double().sum(), chosen.sum(), rejected.sum()]) * weight
         count += len(idx) * weight
-    correct, chosen_sum, rejected_sum, count = dist.all_reduce_sum([correct, chosen_sum, rejected_sum, count])
+    correct, chosen_sum, rejected_sum, count = dist.all_reduce_sum([*sums.unbind(), count])
     count = max(count, 1.0)
     return {
         "eval/accuracy": correct / count,

@@ -35,15 +35,17 @@ def lm_loss(engine, batch):
 
 @torch.no_grad()
 def evaluate_lm(engine, data, collate, batch_size: int, world: dist.World) -> dict[str, float]:
-    """Token-weighted eval loss and perplexity over the whole held-out share."""
+    """Token-weighted eval loss and perplexity over the whole held-out share (sums stay on the
+    device; one transfer at the end)."""
     engine.eval()
-    total_nll, total_tokens = 0.0, 0.0
+    total_nll = torch.zeros((), dtype=torch.float64, device=engine.device)
+    total_tokens = 0.0
     for idx, weight in eval_batches(len(data), world.rank, world.world_size, batch_size):
         batch = collate([data[i] for i in idx])
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        n = float((batch["labels"][:, 1:] != -100).sum()) * weight  # counted on the host
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        n = float((batch["labels"][:, 1:] != -100).sum()) * weight
-        total_nll += float(out.loss) * n
+        total_nll += out.loss.detach().double() * n
         total_tokens += n
     nll, tokens = dist.all_reduce_sum([total_nll, total_tokens])
     loss = nll / max(tokens, 1.0)

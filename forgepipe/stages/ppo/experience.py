@@ -56,6 +56,14 @@ def _device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+def wall_clock(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work: a GPU runs asynchronously, so
+    a phase's time is only honest after a sync (once per phase, never per micro-batch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -193,13 +201,13 @@ def make_experience(actor, critic, ref, reward, prompts: dict[str, torch.Tensor]
     prompt_mask = prompts["attention_mask"].to(device)
     prompt_len = prompt_ids.shape[1]
 
-    start = time.perf_counter()
+    start = wall_clock(device)
     sequences = generate(actor, prompt_ids, prompt_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p,
                          synced_gpus=synced_gpus, gather=gather)
-    generation_s = time.perf_counter() - start
+    generation_s = wall_clock(device) - start
 
-    start = time.perf_counter()
+    start = wall_clock(device)
     action_mask = response_mask(sequences[:, prompt_len:], eos_token_id)
     attention_mask = torch.cat([prompt_mask.long(), action_mask], dim=1)
     for model in (actor, critic):
@@ -222,5 +230,5 @@ def make_experience(actor, critic, ref, reward, prompts: dict[str, torch.Tensor]
         sequences=sequences, attention_mask=attention_mask, action_mask=action_mask, logp_old=logp_old,
         logp_ref=logp_ref, values_old=values_old, rewards=rewards, advantages=advantages, returns=returns,
         scores=scores, response_lengths=action_mask.sum(dim=1), prompt_len=prompt_len,
-        generation_s=generation_s, scoring_s=time.perf_counter() - start,
+        generation_s=generation_s, scoring_s=wall_clock(device) - start,
     )

@@ -30,7 +30,13 @@ from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import LoraSettings, hf_from_pretrained, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
 from forgepipe.stages.common import MODEL_SUBDIR, StageRun, resolve_stage_output
-from forgepipe.stages.ppo.experience import Experience, actor_logprobs, critic_values, make_experience
+from forgepipe.stages.ppo.experience import (
+    Experience,
+    actor_logprobs,
+    critic_values,
+    make_experience,
+    wall_clock,
+)
 from forgepipe.stages.ppo.losses import ema_update, masked_mean, policy_loss, value_loss
 
 log = logging.getLogger(__name__)
@@ -91,11 +97,14 @@ def ppo_batch_sizes(cfg: Config) -> tuple[int, int]:
 
 def train_on_experience(actor, critic, exp: Experience, cfg: Config, micro_batches: int, generator: torch.Generator,
                         ptx_batches=None) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped policy and value updates; returns summed stats and their count."""
+    """`ppo_epochs` passes of clipped policy and value updates; returns summed stats and their count.
+
+    The sums are 0-d tensors on the actor's device: nothing waits for the GPU until they are logged."""
     p = cfg.ppo
     actor.train()
     critic.train()
-    sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ptx_loss": 0.0}
+    zero = torch.zeros((), dtype=torch.float32, device=exp.sequences.device)
+    sums = {k: zero.clone() for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "ptx_loss")}
     count = 0
     for _ in range(p.ppo_epochs):
         order = torch.randperm(len(exp), generator=generator)
@@ -103,12 +112,12 @@ def train_on_experience(actor, critic, exp: Experience, cfg: Config, micro_batch
             mb = exp.select(rows.to(exp.sequences.device))
             logp = actor_logprobs(actor, mb.sequences, mb.attention_mask, mb.prompt_len, p.temperature)
             loss, clip_frac, approx_kl = policy_loss(logp, mb.logp_old, mb.advantages, mb.action_mask, p.policy_clip)
-            sums["policy_loss"] += float(loss.detach())
+            sums["policy_loss"] += loss.detach().float()
             if ptx_batches is not None:
                 batch = {k: v.to(mb.sequences.device) for k, v in next(ptx_batches).items()}
                 ptx = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"], use_cache=False).loss
-                sums["ptx_loss"] += float(ptx.detach())
+                sums["ptx_loss"] += ptx.detach().float()
                 loss = loss + p.ptx_coef * ptx
             actor.backward(loss)
             actor.step()
@@ -117,9 +126,9 @@ def train_on_experience(actor, critic, exp: Experience, cfg: Config, micro_batch
             vloss = value_loss(values, mb.values_old, mb.returns, mb.action_mask, p.value_clip)
             critic.backward(vloss)
             critic.step()
-            sums["value_loss"] += float(vloss.detach())
-            sums["clip_frac"] += float(clip_frac)
-            sums["approx_kl"] += float(approx_kl)
+            sums["value_loss"] += vloss.detach().float()
+            sums["clip_frac"] += clip_frac.detach().float()
+            sums["approx_kl"] += approx_kl.detach().float()
             count += 1
     return {**sums, "updates": float(count)}
 
@@ -330,10 +339,10 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
                     synced_gpus=zero3 and world.world_size > 1 and not gather, gather=gather,
                     actor_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer if mismatch else None,
                 )
-                start = time.perf_counter()
+                start = wall_clock(exp.sequences.device)
                 generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step)
                 stats = train_on_experience(actor, critic, exp, cfg, micro_batches, generator, ptx_batches)
-                training_s = time.perf_counter() - start
+                training_s = wall_clock(exp.sequences.device) - start
                 state.micro_in_epoch += 1
                 state.step += 1
                 if p.ema > 0:
@@ -380,9 +389,9 @@ def step_metrics(exp: Experience, stats: dict[str, float], training_s: float, wo
     """One PPO step's metrics, combined over ranks (sums all-reduced, then divided)."""
     mask = exp.action_mask
     kl = masked_mean(exp.logp_old - exp.logp_ref, mask)
-    rows, tokens = float(len(exp)), float(mask.sum())
+    rows, tokens = float(len(exp)), mask.sum().double()  # tensors stay on the device until the one transfer
     updates = stats["updates"]
-    local = [rows, tokens, float(exp.scores.sum()), float(kl) * tokens, float(exp.rewards.sum()),
+    local = [rows, tokens, exp.scores.double().sum(), kl.double() * tokens, exp.rewards.double().sum(),
              stats["policy_loss"], stats["value_loss"], stats["clip_frac"], stats["approx_kl"], stats["ptx_loss"],
              updates, exp.generation_s, exp.scoring_s, training_s]
     (rows, tokens, score, kl_sum, reward, pl, vl, cf, akl, ptx_loss, updates,
