@@ -3,6 +3,13 @@
 Nothing half-written ever looks complete:
 - a checkpoint is written to `checkpoints/.partial-<tag>/`, renamed to `checkpoints/<tag>/` once every
   rank has finished, and only then does the `checkpoints/latest` marker (replaced atomically) move to it;
+- its `loop_state.json` lists every file of the checkpoint with its size, so a truncated or missing
+  file is found before DeepSpeed reads it (`verify_checkpoint`); resuming falls back to the newest
+  checkpoint that verifies when the marker or the newest checkpoint does not, and says so;
+- pruning (`--keep-last`) orders checkpoints by step and only ever removes ones written by the same
+  run (MLflow run id), never the one just written;
+- a full disk stops the run with "no space left on <path>", the partial files removed and the last
+  complete checkpoint kept;
 - an export is written to `<dir>.partial/` and renamed to `<dir>/` when complete.
 
 A checkpoint holds one DeepSpeed checkpoint per engine (PPO has two), the loop state (step,
@@ -11,6 +18,7 @@ epoch, position in the epoch, MLflow run id, ...) and each rank's RNG states.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -23,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forgepipe.distributed import barrier, current_rank, is_main_process
+from forgepipe.distributed import all_reduce_sum, barrier, current_rank, is_main_process
 from forgepipe.errors import ForgeError
 from forgepipe.models.load import merge_lora
 from forgepipe.tracking import write_json_atomic
@@ -59,6 +67,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether a failed write ran out of space (torch reports it as a RuntimeError, not ENOSPC)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        return shutil.disk_usage(existing).free < 1 << 20
+    except (OSError, StopIteration):
+        return False
+
+
+def _collective_write(what: str, path: Path, write: Callable[[], None], cleanup: Callable[[], None],
+                      output_dir: Path) -> None:
+    """Run `write` on every rank; if it fails on any rank, every rank cleans up and raises the same
+    error (a full disk as one ForgeError line), so no rank waits forever at the next barrier."""
+    error: BaseException | None = None
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        error = exc
+    failed = all_reduce_sum([1.0 if error is not None else 0.0])[0]
+    if not failed:
+        return
+    full = _disk_full(error, path) if error is not None else False
+    full = all_reduce_sum([1.0 if full else 0.0])[0] > 0
+    if is_main_process():
+        cleanup()
+    barrier()
+    if full:
+        raise ForgeError(f"no space left on {path.parent} while writing {what}; "
+                         f"the last complete checkpoint is kept: {find_latest(output_dir) or 'none'}")
+    if error is not None:
+        raise error
+    raise ForgeError(f"writing {what} failed on another rank")
+
+
 def save_checkpoint(
     engines: dict[str, Any],
     output_dir: str | Path,
@@ -74,51 +118,131 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
     barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(partial), tag=name, save_latest=False)
-    torch.save(rng_state(), partial / f"rng_rank{current_rank():05d}.pt")
-    barrier()
-    if is_main_process():
-        write_json_atomic(partial / LOOP_STATE, {**loop_state, "engines": sorted(engines)})
+
+    def write() -> None:
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(partial), tag=name, save_latest=False)
+        torch.save(rng_state(), partial / f"rng_rank{current_rank():05d}.pt")
+
+    def cleanup() -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    _collective_write(f"checkpoint {tag}", partial, write, cleanup, Path(output_dir))
+
+    def finalise() -> None:
+        if not is_main_process():
+            return
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        write_json_atomic(partial / LOOP_STATE, {**loop_state, "engines": sorted(engines), "files": files})
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
         write_json_atomic(root / LATEST_MARKER, {"tag": tag})
-        _prune(root, keep_last)
+
+    _collective_write(f"checkpoint {tag}", partial, finalise, cleanup, Path(output_dir))
+    if is_main_process():
+        _prune(root, keep_last, loop_state.get("run_id"), keep=final)
         log.info("checkpoint written: %s", final)
     barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop leftover partial ones."""
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / LOOP_STATE).is_file())
-    for old in complete[:-keep_last]:
+def _step_of(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / LOOP_STATE).read_text()).get("step", -1))
+    except (OSError, ValueError, AttributeError):
+        return -1
+
+
+def _prune(root: Path, keep_last: int, run_id: str | None, keep: Path) -> None:
+    """Keep the newest `keep_last` complete checkpoints of this run (by step, never `keep`); drop
+    leftover partial ones. Checkpoints of other runs are never removed here."""
+    mine = []
+    for path in root.iterdir():
+        if not path.is_dir() or path.name.startswith(PARTIAL_PREFIX) or path == keep:
+            continue
+        state = _read_state(path)
+        if state is not None and state.get("run_id") == run_id:
+            mine.append((int(state.get("step", -1)), path))
+    # Checkpoints past the one just written belong to a timeline this run left (it resumed from an
+    # older one because they did not verify): they go first.
+    newest = _step_of(keep)
+    mine.sort(key=lambda sp: (sp[0] <= newest, sp[0]))
+    for _, old in mine[:max(0, len(mine) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in root.glob(f"{PARTIAL_PREFIX}*"):
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def find_latest(output_dir: str | Path) -> Path | None:
-    """The checkpoint the `latest` marker points to, if it is complete; None otherwise."""
-    root = checkpoint_root(output_dir)
-    marker = root / LATEST_MARKER
-    if not marker.is_file():
-        return None
+def _read_state(checkpoint: Path) -> dict[str, Any] | None:
     try:
-        tag = json.loads(marker.read_text())["tag"]
-    except (ValueError, KeyError):
-        log.warning("ignoring unreadable checkpoint marker %s", marker)
+        state = json.loads((checkpoint / LOOP_STATE).read_text())
+    except (OSError, ValueError):
         return None
-    path = root / tag
-    return path if (path / LOOP_STATE).is_file() else None
+    return state if isinstance(state, dict) else None
+
+
+def verify_checkpoint(checkpoint: str | Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (naming the file), or None when it is complete:
+    the loop state parses and every file it lists is there with the size it was written with."""
+    checkpoint = Path(checkpoint)
+    state_file = checkpoint / LOOP_STATE
+    if not state_file.is_file():
+        return f"{state_file} is missing"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{state_file} is unreadable ({type(exc).__name__})"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{state_file} is not a loop state"
+    for rel, size in (state.get("files") or {}).items():
+        path = checkpoint / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one the `latest` marker names if it verifies, else the
+    newest one (by step) that does, with a warning naming what was skipped; None when none does."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    marker = root / LATEST_MARKER
+    skipped: list[str] = []
+    if marker.is_file():
+        try:
+            tag = json.loads(marker.read_text())["tag"]
+            problem = verify_checkpoint(root / tag)
+            if problem is None:
+                return root / tag
+            skipped.append(problem)
+        except (OSError, ValueError, KeyError, TypeError):
+            skipped.append(f"{marker} is unreadable")
+    candidates = sorted(
+        ((_step_of(p), p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX)),
+        key=lambda sp: (sp[0], sp[1].name), reverse=True,
+    )
+    for _, path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if skipped:
+                log.warning("checkpoint: %s; resuming from %s instead", "; ".join(skipped), path)
+            return path
+        if (path / LOOP_STATE).exists():
+            skipped.append(problem)
+    if skipped:
+        log.warning("checkpoint: %s; no complete checkpoint left, starting from step 0", "; ".join(skipped))
+    return None
 
 
 def read_loop_state(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / LOOP_STATE
-    if not path.is_file():
-        raise ForgeError(f"--resume: {checkpoint} is not a complete forgepipe checkpoint (no {LOOP_STATE})")
-    return json.loads(path.read_text())
+    problem = verify_checkpoint(checkpoint)
+    if problem is not None:
+        raise ForgeError(f"--resume: {checkpoint} is not a complete forgepipe checkpoint: {problem}")
+    return json.loads((Path(checkpoint) / LOOP_STATE).read_text())
 
 
 def load_checkpoint(engines: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
@@ -126,7 +250,11 @@ def load_checkpoint(engines: dict[str, Any], checkpoint: str | Path) -> dict[str
     checkpoint = Path(checkpoint)
     state = read_loop_state(checkpoint)
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(checkpoint), tag=name)
+        try:
+            path, _ = engine.load_checkpoint(str(checkpoint), tag=name)
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ForgeError(f"--resume: {checkpoint / name} cannot be loaded ({first})") from None
         if path is None:
             raise ForgeError(f"--resume: {checkpoint} has no state for the {name} engine")
     rng_file = checkpoint / f"rng_rank{current_rank():05d}.pt"
@@ -159,22 +287,31 @@ def export_pretrained(
     """
     out_dir = Path(out_dir)
     state = consolidated_state_dict(engine)
-    if is_main_process():
-        partial = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model = build_cpu_model()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-        if missing or unexpected:
-            raise RuntimeError(f"export: state dict mismatch, missing={missing[:5]} unexpected={unexpected[:5]}")
-        model = merge_lora(model)  # a plain transformers model (ScalarHeadModel merges on save)
-        model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        if metadata:
-            write_json_atomic(partial / "forgepipe.json", metadata)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(partial, out_dir)
-        log.info("model exported: %s", out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+
+    def write() -> None:
+        if is_main_process():
+            _write_export(state, out_dir, partial, build_cpu_model, tokenizer, metadata)
+
+    _collective_write("the model export", partial, write, lambda: shutil.rmtree(partial, ignore_errors=True),
+                      out_dir.parent)
     barrier()
     return out_dir
+
+
+def _write_export(state, out_dir: Path, partial: Path, build_cpu_model, tokenizer, metadata) -> None:
+    shutil.rmtree(partial, ignore_errors=True)
+    model = build_cpu_model()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"export: state dict mismatch, missing={missing[:5]} unexpected={unexpected[:5]}")
+    model = merge_lora(model)  # a plain transformers model (ScalarHeadModel merges on save)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    if metadata:
+        write_json_atomic(partial / "forgepipe.json", metadata)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(partial, out_dir)
+    log.info("model exported: %s", out_dir)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import typing
 import warnings
@@ -23,6 +24,7 @@ import yaml
 from forgepipe import __version__
 from forgepipe.config import Config, build_config, set_dotted, validate
 from forgepipe.errors import ForgeError
+from forgepipe.preflight import check_run, check_shown
 
 # (flags, dotted config key, help). Types and defaults come from the config dataclasses.
 COMMON_OPTIONS: list[tuple[str, str, str]] = [
@@ -32,6 +34,9 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--max-seq-len", "data.max_seq_len", "Longest sequence in tokens (prompt + response)."),
     ("--max-prompt-len", "data.max_prompt_len", "Prompt budget in tokens."),
     ("--packing/--no-packing", "data.packing", "Pack several short SFT samples into one sequence."),
+    ("--max-dropped-fraction", "data.max_dropped_fraction",
+     "Largest share of a source's rows that may be dropped (no format fits) before it is an error."),
+    ("--eval-max-samples", "data.eval_max_samples", "Held-out rows evaluated at most (0: all)."),
     ("--cache-dir", "data.cache_dir", "Tokenized-data cache (default: <output-dir>/.cache)."),
     ("--tokenizer", "model.tokenizer", "Tokenizer path (default: the model's)."),
     ("--catalog", "model.catalog", "Model catalog YAML (default: $FORGEPIPE_CATALOG, then the bundled one)."),
@@ -64,6 +69,8 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--peak-tflops", "train.peak_tflops", "Per-device peak TFLOP/s for MFU (MI250X GCD bf16: 191.5)."),
     ("--dist-timeout-minutes", "train.dist_timeout_minutes", "A collective stuck this long aborts the job."),
     ("--resume", "train.resume", "auto (continue from the output dir's checkpoint), never, or a checkpoint dir."),
+    ("--overwrite/--no-overwrite", "overwrite",
+     "Replace the outputs of an earlier run in --output-dir (removed first); without it a finished run is kept."),
     ("--tracking-uri", "tracking.uri", "MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)."),
     ("--experiment", "tracking.experiment", "MLflow experiment name."),
     ("--run-name", "tracking.run_name", "MLflow run name."),
@@ -175,13 +182,28 @@ def run_stage(fn: Callable[[], Any]) -> Any:
     from forgepipe.loop import EXIT_PREEMPTED, Preempted
 
     try:
-        return fn()
+        result = fn()
     except ForgeError as exc:
         click.echo(f"forgepipe: error: {exc}", err=True)
         sys.exit(2)
     except Preempted as exc:
-        click.echo(f"forgepipe: {exc}; checkpoint written, resubmit to continue", err=True)
+        done = "nothing to checkpoint yet" if "during start-up" in str(exc) else "checkpoint written"
+        click.echo(f"forgepipe: {exc}; {done}, resubmit to continue", err=True)
         sys.exit(EXIT_PREEMPTED)
+    # Finished: a stop signal from here on (a walltime warning racing the end of the job) must not
+    # turn a finished run's exit status into 143.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    return result
+
+
+def preflight(check: Callable[[], None]) -> None:
+    """The pre-launch checks (preflight.py): one line and exit 2 before anything heavy starts."""
+    try:
+        check()
+    except ForgeError as exc:
+        click.echo(f"forgepipe: error: {exc}", err=True)
+        sys.exit(2)
 
 
 def catch_stop_signals() -> None:
@@ -234,6 +256,7 @@ def sft(model, output_dir, config_file, **kwargs):
     """Stage 1: supervised fine-tuning on prompt/response pairs and documents."""
     overrides = {"model.name_or_path": model, "output_dir": output_dir, **overrides_from(kwargs, COMMON_OPTIONS)}
     cfg = make_config("sft", config_file, overrides)
+    preflight(lambda: check_run(cfg))
     from forgepipe.stages.sft import run_sft
 
     _done("SFT", run_stage(lambda: run_sft(cfg)), cfg)
@@ -250,6 +273,7 @@ def reward(model, output_dir, config_file, margin_field, **kwargs):
     overrides = {"model.name_or_path": model, "output_dir": output_dir, "reward.margin_field": margin_field,
                  **overrides_from(kwargs, COMMON_OPTIONS)}
     cfg = make_config("reward", config_file, overrides)
+    preflight(lambda: check_run(cfg))
     from forgepipe.stages.reward import run_reward
 
     _done("Reward", run_stage(lambda: run_reward(cfg)), cfg)
@@ -266,6 +290,7 @@ def ppo(actor, reward_model, output_dir, config_file, **kwargs):
     overrides = {"model.name_or_path": actor, "ppo.reward_model": reward_model, "output_dir": output_dir,
                  **overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS)}
     cfg = make_config("ppo", config_file, overrides)
+    preflight(lambda: check_run(cfg))
     from forgepipe.stages.ppo.trainer import run_ppo
 
     _done("PPO actor", run_stage(lambda: run_ppo(cfg)), cfg)
@@ -280,6 +305,7 @@ def ppo(actor, reward_model, output_dir, config_file, **kwargs):
 @with_options(COMMON_OPTIONS + PPO_OPTIONS)
 def pipeline(model, reward_model, output_dir, config_file, **kwargs):
     """Stages 1, 2 and 3 in order, each on its share of the data, each export feeding the next."""
+    from forgepipe.preflight import check_pipeline
     from forgepipe.stages.pipeline import pipeline_configs, run_pipeline
 
     catch_stop_signals()
@@ -289,6 +315,7 @@ def pipeline(model, reward_model, output_dir, config_file, **kwargs):
     except ForgeError as exc:
         click.echo(f"forgepipe: error: {exc}", err=True)
         sys.exit(2)
+    preflight(lambda: check_pipeline(configs))
     result = run_stage(lambda: run_pipeline(configs))
     _done("PPO actor", result, configs["ppo"])
 
@@ -325,6 +352,7 @@ def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, assignme
             key, value = item.split("=", 1)
             set_dotted(cfg, key, yaml.safe_load(value))
         validate(cfg)
+        check_shown(cfg)
         world = detect_world()
         import torch
 

@@ -9,6 +9,7 @@ starts and logged, flattened, to MLflow.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class DataConfig:
     packing: bool = False  # pack several short SFT samples into one sequence
     cache_dir: str | None = None  # tokenized cache; default: <output_dir>/../.forgepipe-cache
     unsupervised_sources: list[str] = field(default_factory=list)  # {text} documents for PPO-ptx
+    max_dropped_fraction: float = 0.1  # a source losing more of its rows (no format fits) is an error
+    eval_max_samples: int = 2000  # held-out rows evaluated at most (0: all)
 
 
 @dataclass
@@ -153,6 +156,7 @@ class Config:
 
     stage: str = "sft"
     output_dir: str = ""
+    overwrite: bool = False  # replace a finished (or other) run's outputs in output_dir
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -280,8 +284,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ForgeError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ForgeError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -354,8 +365,18 @@ def validate(cfg: Config) -> None:
                         "--save-every": t.save_every, "--lora-dim": cfg.model.lora_dim}.items():
         if value < 0:
             raise ForgeError(f"{name}: must not be negative, got {value}")
+    for name, value in {"--lr": t.lr, "--weight-decay": t.weight_decay, "--warmup-ratio": t.warmup_ratio,
+                        "--min-lr-ratio": t.min_lr_ratio, "--eval-fraction": cfg.data.eval_fraction,
+                        "--save-every-minutes": t.save_every_minutes, "--peak-tflops": t.peak_tflops,
+                        "--max-dropped-fraction": cfg.data.max_dropped_fraction, "--grad-clip": t.grad_clip}.items():
+        if not math.isfinite(value):
+            raise ForgeError(f"{name}: must be a finite number, got {value}")
     if t.lr <= 0:
         raise ForgeError(f"--lr: must be positive, got {t.lr}")
+    if not 0.0 <= cfg.data.max_dropped_fraction <= 1.0:
+        raise ForgeError(f"--max-dropped-fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction}")
+    if cfg.data.eval_max_samples < 0:
+        raise ForgeError(f"--eval-max-samples: must not be negative, got {cfg.data.eval_max_samples}")
     if not t.dist_timeout_minutes > 0:
         raise ForgeError(f"--dist-timeout-minutes: must be positive, got {t.dist_timeout_minutes}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:

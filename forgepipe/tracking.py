@@ -13,6 +13,8 @@ get a Tracker whose methods do nothing, so stages never test the rank themselves
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -116,6 +118,7 @@ class Tracker:
         # A resumed run repeats the steps after its last checkpoint; those steps were logged
         # already (with the same values, the run being deterministic), so they are not logged twice.
         self.skip_through_step = -1
+        self.reopened_status: str | None = None  # the status of a run reopened for resuming
 
     @classmethod
     def start(
@@ -137,20 +140,22 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         uri = resolve_tracking_uri(uri)
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
-        client = MlflowClient(tracking_uri=uri)
-        tracker.client = client
-        if run_id:
-            client.update_run(run_id, status="RUNNING")
-            tracker.run_id = run_id
-            tracker.skip_through_step = tracker.last_logged_step()
-            return tracker
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            experiment, artifact_location=_artifact_root(uri) and f"{_artifact_root(uri)}/{experiment}"
-        )
+        with store_lock(uri):
+            # Several runs starting at once on a fresh store would race on creating its schema (and
+            # on creating the experiment): the first open happens under a file lock.
+            client = MlflowClient(tracking_uri=uri)
+            tracker.client = client
+            if run_id:
+                tracker.reopened_status = client.get_run(run_id).info.status
+                client.update_run(run_id, status="RUNNING")
+                tracker.run_id = run_id
+                tracker.skip_through_step = tracker.last_logged_step()
+                return tracker
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                experiment, artifact_location=_artifact_root(uri) and f"{_artifact_root(uri)}/{experiment}"
+            )
         all_tags = {**environment_tags(world), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -238,7 +243,35 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled or self.run_id is None:
             return
+        if status != "FINISHED" and self.reopened_status == "FINISHED":
+            # A failed or stopped attempt to extend a finished run: the run stays what it was.
+            self.client.set_tag(self.run_id, "forgepipe.last_resume", status)
+            status = "FINISHED"
         self.client.set_terminated(self.run_id, status=status)
+
+    def discard(self) -> None:
+        """Delete a run created by this process that never trained (bad input found after start)."""
+        if not self.enabled or self.run_id is None:
+            return
+        with contextlib.suppress(Exception):
+            self.client.delete_run(self.run_id)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """An exclusive lock beside a SQLite store (`<db>.lock`), held while the store is first opened;
+    other URIs need none. Creates the store's directory."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

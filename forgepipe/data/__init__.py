@@ -7,26 +7,37 @@ which rows a stage sees.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import datasets
+from typing import TYPE_CHECKING
 
 from forgepipe.config import STAGES, parse_split
-from forgepipe.data.formats import normalise, require_pairs
-from forgepipe.data.sources import load_source
+from forgepipe.data.formats import DEFAULT_MAX_DROPPED_FRACTION, DropReport, check_dropped
 from forgepipe.data.split import stage_share, train_eval
-from forgepipe.distributed import main_process_first
 from forgepipe.errors import ForgeError
 
-__all__ = ["load_stage_data", "load_text_data", "load_source", "normalise", "require_pairs"]
+if TYPE_CHECKING:  # imported where used, so that the pre-launch checks (preflight.py) stay fast
+    import datasets
+
+__all__ = ["load_stage_data", "load_text_data", "check_dropped", "DROP_REPORTS"]
+
+# Every source this process normalised, with its dropped rows; StageRun logs them to MLflow.
+DROP_REPORTS: dict[str, DropReport] = {}
 
 
-def _load_normalised(source: str, keep: Sequence[str] = (), need_pairs: bool = False) -> datasets.Dataset:
+def _load_normalised(source: str, keep: Sequence[str] = (), need_pairs: bool = False,
+                     max_dropped_fraction: float = DEFAULT_MAX_DROPPED_FRACTION) -> datasets.Dataset:
+    from forgepipe.data.formats import normalise, require_pairs
+    from forgepipe.data.sources import load_source
+    from forgepipe.distributed import main_process_first
+
     # Rank 0 first: datasets writes its Arrow cache once, the other ranks then read it.
     with main_process_first():
         raw = load_source(source)
         if need_pairs:
             require_pairs(raw, source)
-        ds, _ = normalise(raw, source, keep)
+        report = DropReport(source)
+        ds, _ = normalise(raw, source, keep, report=report)
+    DROP_REPORTS[source] = report
+    check_dropped(report, max_dropped_fraction)
     return ds
 
 
@@ -37,12 +48,19 @@ def load_stage_data(
     seed: int,
     eval_fraction: float,
     keep_fields: Sequence[str] = (),
+    *,
+    max_dropped_fraction: float = DEFAULT_MAX_DROPPED_FRACTION,
+    eval_max_samples: int = 0,
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, eval) rows of `stage` from every source, concatenated in source order.
 
     sft keeps every kind (pairs train on prompt + chosen); reward requires pairs; ppo keeps rows
     with a non-empty prompt. `keep_fields` carries extra columns through (e.g. a margin field).
+    A source losing more than `max_dropped_fraction` of its rows is an error; the held-out rows
+    are capped at `eval_max_samples` (0: no cap), the same rows on every rank and every rerun.
     """
+    import datasets
+
     if not sources:
         raise ForgeError("--data: no data sources given")
     if stage not in STAGES:
@@ -50,7 +68,8 @@ def load_stage_data(
     shares = parse_split(split)
     trains, evals = [], []
     for source in sources:
-        ds = _load_normalised(source, keep_fields, need_pairs=stage == "reward")
+        ds = _load_normalised(source, keep_fields, need_pairs=stage == "reward",
+                              max_dropped_fraction=max_dropped_fraction)
         indices = stage_share(len(ds), shares, STAGES.index(stage), seed)
         if not indices:
             raise ForgeError(
@@ -63,6 +82,8 @@ def load_stage_data(
         trains.append(ds.select(train_idx))
         evals.append(ds.select(eval_idx))
     train, evaluation = datasets.concatenate_datasets(trains), datasets.concatenate_datasets(evals)
+    if eval_max_samples and len(evaluation) > eval_max_samples:
+        evaluation = evaluation.select(range(eval_max_samples))
     if len(train) == 0:
         raise ForgeError(f"{', '.join(sources)}: no rows with a prompt for stage {stage} ({{text}} sources have none)")
     return train, evaluation
@@ -70,6 +91,8 @@ def load_stage_data(
 
 def load_text_data(sources: Sequence[str], seed: int) -> datasets.Dataset:
     """Every row of the unsupervised sources (PPO-ptx), normalised and shuffled with `seed`; no split."""
+    import datasets
+
     if not sources:
         raise ForgeError("--unsupervised-data: no sources given")
     ds = datasets.concatenate_datasets([_load_normalised(s) for s in sources])

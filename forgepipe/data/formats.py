@@ -9,17 +9,22 @@ Every normalised row has `prompt: str`, `chosen: str`, `rejected: str | None` an
     {text}                       -> kind "text" (prompt = "", chosen = text): loss on all of it
 
 Rows that cannot be normalised (an HH dialogue with no "\\n\\nAssistant:", sides that do not
-share the prompt, a missing value) are dropped and counted, never fatal.
+share the prompt, a missing value, a record of another format in a mixed file) are dropped,
+counted per reason with an example line (`DropReport`), warned about, logged to MLflow, and fatal
+above `--max-dropped-fraction` (data/__init__.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-
-import datasets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from forgepipe.errors import ForgeError
+
+if TYPE_CHECKING:  # datasets is imported where it is used: the pre-launch checks read rows without it
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +39,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
 }
 ACCEPTED = "{prompt, chosen, rejected}, HH {chosen, rejected}, {prompt, response}, {text}"
 
-FEATURES = datasets.Features(
-    {
-        "prompt": datasets.Value("string"),
-        "chosen": datasets.Value("string"),
-        "rejected": datasets.Value("string"),
-        "kind": datasets.Value("string"),
-    }
-)
+NORMALISED_COLUMNS = ("prompt", "chosen", "rejected", "kind")
 
 
 def detect_format(columns: Sequence[str], source: str) -> str:
@@ -70,62 +68,181 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     return prompt, chosen[cut_c + len(ASSISTANT) :], rejected[cut_r + len(ASSISTANT) :]
 
 
-def _normalise_batch(batch: dict[str, list], fmt: str, keep: Sequence[str]) -> dict[str, list]:
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "kind": []}
+def row_format(row: dict) -> str | None:
+    """The format a single record's non-empty fields fit (a row of a mixed-format file), if any."""
+    present = [k for k, v in row.items() if v is not None]
+    for name, fields in FORMATS.items():
+        if all(f in present for f in fields):
+            return name
+    return None
+
+
+def normalise_row(row: dict, fmt: str) -> tuple[tuple[str, str, str | None, str] | None, str]:
+    """((prompt, chosen, rejected, kind), "") for a row that fits `fmt`, else (None, why it was dropped)."""
+    if fmt == "hh":
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            if chosen.rfind(ASSISTANT) < 0 or rejected.rfind(ASSISTANT) < 0:
+                return None, "HH dialogue without an '\\n\\nAssistant:' turn"
+            split = split_hh(chosen, rejected)
+            if split is None:
+                return None, "HH chosen and rejected do not share the prompt"
+            return (*split, "pair"), ""
+        fields = ("chosen", "rejected")
+    elif fmt == "pair":
+        fields = ("prompt", "chosen", "rejected")
+    elif fmt == "response":
+        fields = ("prompt", "response")
+    else:
+        fields = ("text",)
+    values = [row.get(f) for f in fields]
+    bad = [f for f, v in zip(fields, values, strict=True) if not isinstance(v, str)]
+    if bad:
+        other = row_format(row)
+        if other is not None and other != fmt:
+            return None, f"a {FORMAT_NAMES[other]} record where the file's format is {FORMAT_NAMES[fmt]}"
+        missing = [f for f in bad if row.get(f) is None]
+        if missing:
+            return None, f"no value for {', '.join(repr(f) for f in missing)}"
+        return None, f"{bad[0]!r} is not text"
+    if fmt == "pair":
+        return (values[0], values[1], values[2], "pair"), ""
+    if fmt == "response":
+        return (values[0], values[1], None, "response"), ""
+    return ("", values[0], None, "text"), ""
+
+
+FORMAT_NAMES = {"pair": "{prompt, chosen, rejected}", "hh": "HH {chosen, rejected}",
+                "response": "{prompt, response}", "text": "{text}"}
+
+
+def _normalise_batch(batch: dict[str, list], indices: list[int], fmt: str, keep: Sequence[str]) -> dict[str, list]:
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "kind": [], "_drop": [], "_row": []}
     out.update({k: [] for k in keep})
-    n = len(next(iter(batch.values())))
-    for i in range(n):
-        if fmt == "hh":
-            row = split_hh(batch["chosen"][i], batch["rejected"][i])
-            kind = "pair"
-        elif fmt == "pair":
-            row = (batch["prompt"][i], batch["chosen"][i], batch["rejected"][i])
-            kind = "pair"
-        elif fmt == "response":
-            row = (batch["prompt"][i], batch["response"][i], None)
-            kind = "response"
-        else:
-            row = ("", batch["text"][i], None)
-            kind = "text"
-        if row is None or not all(isinstance(v, str) for v in row[:2]) or (
-            kind == "pair" and not isinstance(row[2], str)
-        ):
-            continue
-        for key, value in zip(("prompt", "chosen", "rejected", "kind"), (*row, kind), strict=True):
+    columns = list(batch)
+    for i, index in enumerate(indices):
+        row, why = normalise_row({c: batch[c][i] for c in columns}, fmt)
+        for key, value in zip(("prompt", "chosen", "rejected", "kind"), row or ("", "", None, ""), strict=True):
             out[key].append(value)
+        out["_drop"].append(why)
+        out["_row"].append(index)
         for k in keep:
             out[k].append(batch[k][i])
     return out
 
 
+@dataclass
+class DropReport:
+    """Rows of one source that no format fits: counts per reason, and the first row of each (0-based)."""
+
+    source: str
+    total: int = 0
+    reasons: dict[str, list[int]] = field(default_factory=dict)  # reason -> [count, first row index]
+
+    @property
+    def dropped(self) -> int:
+        return sum(count for count, _ in self.reasons.values())
+
+    def add(self, reason: str, row: int) -> None:
+        entry = self.reasons.setdefault(reason, [0, row])
+        entry[0] += 1
+
+    def where(self, row: int) -> str:
+        """'file:LINE' of a row (JSONL: the row-th non-blank line), else 'record N'."""
+        line = jsonl_line_of(self.source, row)
+        return f"{self.source}:{line}" if line else f"{self.source} record {row + 1}"
+
+    def summary(self) -> str:
+        parts = [f"{count} {reason} (e.g. {self.where(first)})"
+                 for reason, (count, first) in sorted(self.reasons.items(), key=lambda kv: -kv[1][0])]
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "rows": self.total, "dropped": self.dropped,
+                "reasons": {r: {"count": c, "example": self.where(first)} for r, (c, first) in self.reasons.items()}}
+
+
+def jsonl_line_of(source: str, row: int) -> int | None:
+    """The 1-based line of the row-th record of a JSON-lines file (blank lines skipped), or None."""
+    import gzip
+    from pathlib import Path
+
+    path = Path(source)
+    name = path.name.lower()
+    if not path.is_file() or not name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    opener = gzip.open if name.endswith(".gz") else open
+    seen = -1
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                seen += 1
+                if seen == row:
+                    return number
+    return None
+
+
 def normalise(
-    ds: datasets.Dataset, source: str, keep: Sequence[str] = ()
+    ds: datasets.Dataset, source: str, keep: Sequence[str] = (), report: DropReport | None = None
 ) -> tuple[datasets.Dataset, int]:
     """(normalised dataset, number of rows dropped). `keep` names extra columns to carry through
-    (e.g. a reward margin field); a missing one is a ForgeError."""
+    (e.g. a reward margin field); a missing one is a ForgeError. Dropped rows are counted per
+    reason into `report` and logged as a warning with an example line."""
+    import datasets
+
     fmt = detect_format(ds.column_names, source)
     for k in keep:
         if k not in ds.column_names:
             raise ForgeError(f"{source}: no field {k!r} (fields: {', '.join(ds.column_names)})")
-    features = datasets.Features({**FEATURES, **{k: ds.features[k] for k in keep}})
-    out = ds.map(
+    string = datasets.Value("string")
+    features = datasets.Features({**{c: string for c in NORMALISED_COLUMNS}, "_drop": datasets.Value("string"), "_row": datasets.Value("int64"),
+                                  **{k: ds.features[k] for k in keep}})
+    marked = ds.map(
         _normalise_batch,
         batched=True,
+        with_indices=True,
         fn_kwargs={"fmt": fmt, "keep": tuple(keep)},
         remove_columns=ds.column_names,
         features=features,
         desc=f"normalising {source}",
     )
-    dropped = len(ds) - len(out)
+    report = report if report is not None else DropReport(source)
+    report.total = len(ds)
+    drops = marked["_drop"][:]
+    for index, why in enumerate(drops):
+        if why:
+            report.add(why, index)
+    out = marked.select([i for i, why in enumerate(drops) if not why]) if report.dropped else marked
+    out = out.remove_columns(["_drop", "_row"])
+    dropped = report.dropped
     if dropped:
-        log.info("%s: dropped %d of %d rows that do not fit the %s format", source, dropped, len(ds), fmt)
+        log.warning("%s: dropped %d of %d rows (%s format): %s", source, dropped, len(ds), FORMAT_NAMES[fmt],
+                    report.summary())
     return out, dropped
+
+
+DEFAULT_MAX_DROPPED_FRACTION = 0.1
+
+
+def check_dropped(report: DropReport, max_fraction: float) -> None:
+    """A source losing more than `max_fraction` of its rows is an error, not a warning."""
+    if report.total and report.dropped == report.total:
+        raise ForgeError(f"{report.source}: no usable rows, all {report.total} dropped: {report.summary()}")
+    if report.total and report.dropped / report.total > max_fraction:
+        raise ForgeError(
+            f"{report.source}: {report.dropped} of {report.total} rows ({report.dropped / report.total:.0%}) dropped, "
+            f"more than --max-dropped-fraction {max_fraction:g}: {report.summary()}"
+        )
 
 
 def require_pairs(ds: datasets.Dataset, source: str) -> None:
     """Stage reward needs chosen/rejected pairs: check a source's raw (un-normalised) columns."""
-    if detect_format(ds.column_names, source) not in ("pair", "hh"):
+    require_pairs_columns(ds.column_names, source)
+
+
+def require_pairs_columns(columns: Sequence[str], source: str) -> None:
+    if detect_format(columns, source) not in ("pair", "hh"):
         raise ForgeError(
-            f"{source}: no chosen/rejected pairs (fields: {', '.join(ds.column_names)}); "
+            f"{source}: no chosen/rejected pairs (fields: {', '.join(columns)}); "
             "stage reward needs {prompt, chosen, rejected} or HH {chosen, rejected}"
         )

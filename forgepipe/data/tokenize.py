@@ -11,16 +11,18 @@ read it (`main_process_first`). With cache_dir=None nothing is written by us.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from forgepipe.distributed import main_process_first
+from forgepipe.distributed import is_main_process, main_process_first
 from forgepipe.errors import ForgeError
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def _cached_map(
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         kwargs["cache_file_name"] = str(Path(cache_dir) / f"{key}.arrow")
-    with main_process_first():
+    with main_process_first(), cache_lock(cache_dir):
         return ds.map(
             fn,
             batched=True,
@@ -78,6 +80,26 @@ def _cached_map(
             desc=desc,
             **kwargs,
         )
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: str | Path | None) -> Iterator[None]:
+    """Rank 0 writes the cache under an exclusive lock (`<cache_dir>/.lock`, released by the kernel
+    if the process dies). Whoever holds it knows nobody is writing, so the temporary files a killed
+    run left (datasets writes `tmp*` beside the cache file, then renames it) are removed first."""
+    if cache_dir is None or not is_main_process():
+        yield
+        return
+    with open(Path(cache_dir) / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            for orphan in Path(cache_dir).glob("tmp*"):
+                if orphan.is_file():
+                    orphan.unlink(missing_ok=True)
+                    log.info("removed %s, left by an interrupted tokenization", orphan)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------

@@ -173,12 +173,31 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
+def check_head_loaded(model: nn.Module, info: dict, path: str) -> None:
+    """The language-model head must come from the checkpoint: a reward export (scalar head, no LM
+    head) loaded as a causal LM would otherwise train from a randomly initialised head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return
+    head_names = {name for name, mod in model.named_modules() if mod is head}
+    missing = [k for k in info.get("missing_keys", []) if k.rsplit(".", 1)[0] in head_names]
+    if not missing:
+        return
+    unexpected = info.get("unexpected_keys", [])
+    what = "a reward model export (it has a scalar head)" if any(k.startswith("score.") for k in unexpected) \
+        else "not a causal language model checkpoint"
+    raise ForgeError(f"model {path}: {what}; its language-model head ({missing[0]}) is missing and would start random. "
+                     "Give a base model or an SFT export")
+
+
 def load_causal_lm(path: str, *, dtype: str, tokenizer: PreTrainedTokenizerBase | None = None,
                    gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
                    trust_remote_code: bool = False) -> nn.Module:
     """A causal LM ready for training: dtype, embeddings fit the tokenizer, pad id, LoRA."""
-    model = hf_from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model",
-                             dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    model, info = hf_from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model",
+                                     dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+                                     output_loading_info=True)
+    check_head_loaded(model, info, path)
     prepare_model(model, tokenizer=tokenizer, gradient_checkpointing=gradient_checkpointing)
     if lora is not None:
         model = apply_lora(model, lora, task_type="CAUSAL_LM")

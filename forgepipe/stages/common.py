@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,51 @@ from forgepipe.config import Config
 from forgepipe.deepspeed_config import PROFILE_FILE, validate_launch
 from forgepipe.engine import initialize, zero3_loading
 from forgepipe.errors import ForgeError
-from forgepipe.loop import STOP, LoopSettings, LoopState, StopRequest
+from forgepipe.loop import STOP, LoopSettings, LoopState, Preempted, StopRequest
+from forgepipe.preflight import check_output_dir, earlier_run
 from forgepipe.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "forgepipe-run.json"  # what a stage leaves for the next one (and for resuming)
 MODEL_SUBDIR = "model"
+
+# On resume, a changed option is either honoured or refused. Honoured: the LR schedule's inputs
+# (recomputed from the checkpoint's step), when to log/evaluate/save, and settings that change
+# speed or memory but not the numbers. Everything else, compared on the flattened config, is
+# refused (fingerprints add the resolved model paths and the world size).
+HONOURED_ON_RESUME = {
+    "train.lr", "train.max_steps", "train.epochs", "train.warmup_ratio", "train.min_lr_ratio", "ppo.critic_lr",
+    "train.log_every", "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_last",
+    "train.peak_tflops", "data.eval_max_samples", "data.max_dropped_fraction", "model.gradient_checkpointing",
+    "ppo.critic_gradient_checkpointing", "tracking.log_checkpoints", "deepspeed.flops_profiler",
+    "deepspeed.profile_step", "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters",
+    "deepspeed.prefetch_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.reduce_bucket_size",
+    "deepspeed.overlap_comm", "deepspeed.contiguous_gradients",
+}
+# Not part of what was trained: never compared.
+NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",
+                "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources"}
+
+
+class StartupStop(Preempted):
+    """A stop signal before training started: nothing to checkpoint, the run stops at once."""
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(honoured, refused) changes between two flattened configs: key -> (old, new)."""
+    honoured, refused = {}, {}
+    for key in sorted(set(old) | set(new)):
+        if key in NOT_COMPARED or old.get(key) == new.get(key):
+            continue
+        (honoured if key in HONOURED_ON_RESUME else refused)[key] = (old.get(key), new.get(key))
+    return honoured, refused
+
+
+def option_name(key: str) -> str:
+    from forgepipe.cli import LABELS
+
+    return LABELS.get(key, key)
 
 
 def resolve_stage_output(path: str) -> str:
@@ -58,7 +97,9 @@ class StageRun:
     resume_from: Path | None = None
     stop: StopRequest = field(default_factory=lambda: STOP)
     _created_output: bool = False
+    _created_cache: bool = False
     _begun: bool = False
+    _training: bool = False
     _owns_process_group: bool = False
 
     @property
@@ -69,23 +110,47 @@ class StageRun:
         # First: Slurm's walltime warning may come while the run is still starting up, and
         # SIGUSR1's default action would kill the process instead of stopping it at a step.
         self.stop.install()
-        if not self.cfg.output_dir:
-            raise ForgeError("--output-dir: required")
+        self._startup_signals()
+        check_output_dir(self.cfg)
         self.world = dist.detect_world()
         validate_launch(self.cfg, self.world, has_gpu=torch.cuda.is_available())
         self._created_output = not self.output_dir.exists()
-        self.resume_from = self._find_resume()
+        self._created_cache = not Path(self.cache_dir).exists()
+        self.resume_from = None if self.cfg.overwrite else self._find_resume()
         self._owns_process_group = not dist.is_initialized()  # a pipeline keeps one for all stages
         dist.init_distributed(self.world, timeout_minutes=self.cfg.train.dist_timeout_minutes)
         torch.manual_seed(self.cfg.train.seed)
         return self
 
+    def _startup_signals(self) -> None:
+        """Until the loop starts (StageRun.resume), a stop signal stops at once: tokenizing or
+        loading models can take many minutes, and there is nothing to checkpoint yet."""
+        if self.stop.signal is not None:  # arrived while the command line was read
+            raise StartupStop(f"stopped by signal {self.stop.signal} during start-up, before training")
+
+        def handler(signum, frame):
+            self.stop.signal = signum
+            raise StartupStop(f"stopped by signal {signum} during start-up, before training")
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, handler)
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        status = "FINISHED" if exc_type is None else "KILLED" if exc_type.__name__ == "Preempted" else "FAILED"
-        self.tracker.finish(status)
-        if exc_type is not None and not self._begun and self._created_output and self.world.is_main:
+        if exc_type is not None and issubclass(exc_type, StartupStop):
+            self.stop.install()
+        status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, Preempted) else "FAILED"
+        before_training = exc_type is not None and not self._training
+        bad_input = before_training and issubclass(exc_type, (ForgeError, StartupStop))
+        if bad_input and self.tracker.reopened_status is None:
+            self.tracker.discard()  # a new run that never trained: no MLflow record of it
+        else:
+            self.tracker.finish(status)
+        if bad_input and self.world.is_main:
             # Failed before training started (bad input): leave nothing behind.
-            shutil.rmtree(self.output_dir, ignore_errors=True)
+            if self._created_output:
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            elif self._created_cache:
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
         if self._owns_process_group:
             dist.teardown()
 
@@ -104,20 +169,33 @@ class StageRun:
     def begin(self, fingerprint: dict[str, Any], ds_configs: dict[str, dict]) -> None:
         """Create the output directory and the MLflow run (or reopen it when resuming)."""
         cfg = self.cfg
+        flat = cfg.flat()
         fingerprint = {**fingerprint, "stage": cfg.stage, "world_size": self.world.world_size}
         run_id = None
+        honoured: dict[str, tuple] = {}
         if self.resume_from is not None:
             previous = read_loop_state(self.resume_from)
-            changed = {k: (previous.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                       if previous.get("fingerprint", {}).get(k) != v}
+            before = previous.get("fingerprint", {})
+            changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
             if changed:
                 key, (old, new) = next(iter(changed.items()))
                 raise ForgeError(
                     f"--resume: {self.resume_from} was written with {key}={old!r}, this run has {new!r}; "
-                    "use a new --output-dir or --resume never"
+                    "use a new --output-dir or --overwrite"
                 )
+            if "config" in before:
+                honoured, refused = config_changes(before["config"], flat)
+                if refused:
+                    key, (old, new) = next(iter(refused.items()))
+                    raise ForgeError(
+                        f"--resume: {option_name(key)} cannot change on resume ({self.resume_from} was written with "
+                        f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite"
+                    )
             run_id = previous.get("run_id")
-        self.state.fingerprint = fingerprint
+        self.state.fingerprint = {**fingerprint, "config": flat}
+        if cfg.overwrite and self.world.is_main:
+            self._remove_earlier_outputs()
+        dist.barrier()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._begun = True
         self.tracker = Tracker.start(
@@ -126,7 +204,13 @@ class StageRun:
             run_id=run_id, parent_run_id=self.parent_run_id, tags={"stage": cfg.stage},
         )
         self.state.run_id = dist.broadcast_object(self.tracker.run_id)
-        self.tracker.log_params(cfg.flat())  # on a resumed run, changed values become resumed.* tags
+        self.tracker.log_params(flat)  # on a resumed run, changed values become resumed.* tags
+        for key, (old, new) in honoured.items():
+            log.warning("resume: %s changed from %r to %r: honoured (LR schedule recomputed from step %d)",
+                        option_name(key), old, new, read_loop_state(self.resume_from).get("step", 0))
+        if honoured:
+            self.tracker.set_tags({"resumed.changed": ", ".join(sorted(honoured))})
+        self._log_dropped_rows()
         if run_id is None:
             for name, ds_json in ds_configs.items():
                 self.tracker.log_dict(ds_json, f"deepspeed/{name}.json")
@@ -134,6 +218,35 @@ class StageRun:
             self.tracker.log_environment()
         if self.world.is_main:
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    def _remove_earlier_outputs(self) -> None:
+        """--overwrite: what an earlier run left goes first (its MLflow record stays as it was)."""
+        found = earlier_run(self.output_dir)
+        removed = []
+        for name in (MODEL_SUBDIR, "checkpoints", RUN_FILE, "config.yaml", PROFILE_FILE, MODEL_SUBDIR + ".partial"):
+            path = self.output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+                removed.append(name)
+            elif path.exists():
+                path.unlink()
+                removed.append(name)
+        if removed:
+            log.warning("--overwrite: removed %s of %s from %s", ", ".join(removed), found or "an earlier run",
+                        self.output_dir)
+
+    def _log_dropped_rows(self) -> None:
+        from forgepipe.data import DROP_REPORTS
+
+        sources = list(self.cfg.data.sources) + list(self.cfg.data.unsupervised_sources)
+        reports = [DROP_REPORTS[s].to_dict() for s in sources if s in DROP_REPORTS]
+        if not reports:
+            return
+        dropped = sum(r["dropped"] for r in reports)
+        total = sum(r["rows"] for r in reports)
+        self.tracker.log_params({"data.dropped_rows": dropped, "data.dropped_fraction": round(dropped / max(total, 1), 6)})
+        if dropped:
+            self.tracker.log_dict({"sources": reports}, "data/dropped_rows.json")
 
     def data_fingerprint(self, model_path: str) -> dict[str, Any]:
         """What a supervised stage's resume must match (StageRun.begin adds stage and world size)."""
@@ -144,20 +257,32 @@ class StageRun:
     def build_engine(self, ds_json: dict, build_model, *, total_steps: int | None = None):
         """A DeepSpeed engine around `build_model()`, loaded straight into ZeRO-3 partitions at
         stage 3; trained with the config's schedule when the JSON has an optimizer, frozen otherwise."""
+        if "optimizer" in ds_json and total_steps == 0:
+            raise ForgeError(
+                "--per-device-batch-size: the training data is shorter than one optimizer step "
+                f"({self.world.world_size} ranks x {self.cfg.train.per_device_batch_size} x {self.cfg.train.grad_accum}); "
+                "use a smaller batch or more data"
+            )
         with zero3_loading(ds_json):
             model = build_model()
         t = self.cfg.train
-        return initialize(model, ds_json, weight_decay=t.weight_decay, total_steps=total_steps or 0,
-                          warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio)
+        engine = initialize(model, ds_json, weight_decay=t.weight_decay, total_steps=total_steps or 0,
+                            warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio)
+        engine.forgepipe_lr = ds_json.get("optimizer", {}).get("params", {}).get("lr")  # for recompute_schedule
+        return engine
 
     def resume(self, engines: dict[str, Any]) -> None:
         """Restore engines, RNG and loop state from the checkpoint found at start, if any."""
+        self._training = True
+        self.stop.install()  # from here on a signal stops at the next step boundary, with a checkpoint
         if self.resume_from is None:
             return
         loaded = LoopState.from_dict(load_checkpoint(engines, self.resume_from))
         loaded.fingerprint = self.state.fingerprint
         loaded.run_id = self.state.run_id
         self.state = loaded
+        for engine in engines.values():
+            recompute_schedule(engine)
         log.info("resumed from %s at step %d", self.resume_from, self.state.step)
 
     def finish(self, model_dir: Path, extra: dict[str, Any] | None = None) -> None:
@@ -178,3 +303,25 @@ class StageRun:
             self.tracker.log_artifacts_file(profile)
         if self.cfg.tracking.log_checkpoints:
             self.tracker.log_artifacts(model_dir, "model")
+
+
+def recompute_schedule(engine) -> None:
+    """After a checkpoint is loaded: the LR of this run's config at the restored step.
+
+    DeepSpeed restores the scheduler's base LRs (and the optimizer's group LRs) from the
+    checkpoint, i.e. the old --lr; the schedule's shape (warm-up, total steps) is the new run's
+    already, its lambda being rebuilt from the config. A changed --lr or --max-steps is thus
+    honoured from the resumed step on."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    optimizer = getattr(engine, "optimizer", None)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if scheduler is None or optimizer is None or not lambdas:
+        return
+    new_lr = getattr(engine, "forgepipe_lr", None)
+    if new_lr is None:
+        return
+    scheduler.base_lrs = [new_lr for _ in scheduler.base_lrs]
+    for group, fn in zip(optimizer.param_groups, lambdas, strict=False):
+        group["initial_lr"] = new_lr
+        group["lr"] = new_lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -65,7 +65,8 @@ def preflight(configs: dict[str, Config]) -> None:
     for stage, cfg in configs.items():
         if not cfg.data.sources:
             raise ForgeError("--data: at least one data source is required")
-        load_stage_data(cfg.data.sources, stage, cfg.data.split, cfg.train.seed, cfg.data.eval_fraction)
+        load_stage_data(cfg.data.sources, stage, cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
+                        max_dropped_fraction=cfg.data.max_dropped_fraction)
 
 
 def _finished(cfg: Config) -> str | None:

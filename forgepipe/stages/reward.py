@@ -87,7 +87,9 @@ def run_reward(cfg: Config, parent_run_id: str | None = None) -> str:
             raise ForgeError("--data: at least one data source is required")
         margin = cfg.reward.margin_field
         train_raw, eval_raw = load_stage_data(cfg.data.sources, "reward", cfg.data.split, cfg.train.seed,
-                                              cfg.data.eval_fraction, keep_fields=[margin] if margin else ())
+                                              cfg.data.eval_fraction, keep_fields=[margin] if margin else (),
+                                              max_dropped_fraction=cfg.data.max_dropped_fraction,
+                                              eval_max_samples=cfg.data.eval_max_samples)
         sources = ", ".join(cfg.data.sources)
         train_data, dropped = tokenize_pairs(train_raw, tokenizer, cfg.data.max_seq_len, cfg.data.max_prompt_len,
                                              run.cache_dir, margin_field=margin, source=sources)

@@ -60,7 +60,8 @@ def run_sft(cfg: Config, parent_run_id: str | None = None) -> str:
         if not cfg.data.sources:
             raise ForgeError("--data: at least one data source is required")
         train_raw, eval_raw = load_stage_data(cfg.data.sources, "sft", cfg.data.split, cfg.train.seed,
-                                              cfg.data.eval_fraction)
+                                              cfg.data.eval_fraction, max_dropped_fraction=cfg.data.max_dropped_fraction,
+                                              eval_max_samples=cfg.data.eval_max_samples)
         train_data = tokenize_sft(train_raw, tokenizer, cfg.data.max_seq_len, cfg.data.max_prompt_len, run.cache_dir)
         eval_data = tokenize_sft(eval_raw, tokenizer, cfg.data.max_seq_len, cfg.data.max_prompt_len,
                                  run.cache_dir) if len(eval_raw) else None

@@ -1,0 +1,392 @@
+"""Checks of everything a run names (output directory, tracking store, models, data files), done
+before DeepSpeed is imported, any rank is started or anything is written.
+
+Each failure is one ForgeError line naming the option, file or line. The checks read files with
+plain Python (json, yaml): no `datasets`, `transformers` or DeepSpeed import, so bad input is
+answered in seconds. The stages repeat the checks that need the real loaders (tokenization,
+model loading), so nothing here is the only guard.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from forgepipe.config import STAGES, Config, parse_split
+from forgepipe.errors import ForgeError
+
+RUN_FILE = "forgepipe-run.json"  # also stages/common.py
+CHECKPOINT_DIR = "checkpoints"
+LOOP_STATE = "loop_state.json"
+MODEL_SUBDIR = "model"
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+PARQUET_SUFFIXES = (".parquet",)
+FULL_SCAN_BYTES = 256 << 20  # larger JSON files: only their first SCAN_LINES lines are read here
+SCAN_LINES = 1000
+TRACKING_TIMEOUT_S = 3.0
+
+
+# ---------------------------------------------------------------------------
+# Output directory and earlier runs
+
+
+def _first_existing(path: Path) -> Path:
+    for p in [path, *path.parents]:
+        if p.exists():
+            return p
+    return Path("/")
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """`path` is, or can be made, a writable directory (no parent is a file)."""
+    existing = _first_existing(path)
+    if existing.is_file() or (existing.exists() and not existing.is_dir()):
+        what = "is a file" if existing == path else f"has a parent that is a file ({existing})"
+        raise ForgeError(f"{option}: {path} {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ForgeError(f"{option}: {existing} is not writable")
+
+
+def earlier_run(output_dir: Path) -> str | None:
+    """What an earlier run left in `output_dir`: a finished run (its run file), checkpoints, or None."""
+    run_file = output_dir / RUN_FILE
+    if run_file.is_file():
+        try:
+            run_id = json.loads(run_file.read_text()).get("mlflow_run_id")
+        except (OSError, ValueError):
+            run_id = None
+        return f"a finished run (MLflow run {run_id})" if run_id else "a finished run"
+    root = output_dir / CHECKPOINT_DIR
+    if root.is_dir() and any(p.is_dir() and (p / LOOP_STATE).is_file() for p in root.iterdir()):
+        return "checkpoints of an earlier run"
+    return None
+
+
+def check_output_dir(cfg: Config) -> None:
+    """--output-dir is usable, and an earlier run in it is only replaced when the user says so."""
+    if not cfg.output_dir:
+        raise ForgeError("--output-dir: required")
+    out = Path(cfg.output_dir)
+    check_writable_dir(out, "--output-dir")
+    resume = cfg.train.resume
+    if resume not in ("auto", "never"):
+        state = Path(resume) / LOOP_STATE
+        if not state.is_file():
+            raise ForgeError(f"--resume: {resume} is not a complete forgepipe checkpoint (no {LOOP_STATE})")
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError) as exc:
+            raise ForgeError(f"--resume: {state} is unreadable ({type(exc).__name__})") from None
+    if resume == "never" and not cfg.overwrite:
+        found = earlier_run(out)
+        if found:
+            raise ForgeError(
+                f"--output-dir: {out} holds {found}; --resume never would mix or replace it. Pass --overwrite "
+                "to remove it first, --resume auto to continue it, or choose another --output-dir"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Tracking store
+
+
+def check_tracking(uri: str | None) -> None:
+    """The MLflow store is creatable and writable (SQLite/file) or answers within seconds (HTTP)."""
+    from forgepipe.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri)
+    parsed = urlparse(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        check_writable_dir(db.parent, "--tracking-uri")
+        if db.exists():
+            if not db.is_file():
+                raise ForgeError(f"--tracking-uri: {db} is not a file")
+            if not os.access(db, os.R_OK | os.W_OK):
+                raise ForgeError(f"--tracking-uri: {db} is not writable")
+            with open(db, "rb") as f:
+                head = f.read(16)
+            if head and head != b"SQLite format 3\x00":
+                raise ForgeError(f"--tracking-uri: {db} is not an SQLite database")
+    elif parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "", port), timeout=TRACKING_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ForgeError(f"--tracking-uri: {uri} is unreachable ({exc.strerror or type(exc).__name__}, "
+                             f"waited {TRACKING_TIMEOUT_S:g} s)") from None
+    elif parsed.scheme in ("", "file"):
+        check_writable_dir(Path(parsed.path or uri), "--tracking-uri")
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+
+def _model_dir(name: str, catalog: str | None, option: str) -> Path | None:
+    """The local directory a model option names (a stage output stands for its export), or None
+    for a Hub id."""
+    from forgepipe.models.catalog import resolve_model
+
+    try:
+        resolved = resolve_model(name, catalog)
+    except ForgeError as exc:
+        raise ForgeError(f"{option}: {exc}") from None
+    path = Path(resolved)
+    if not path.is_dir():
+        return None
+    if (path / MODEL_SUBDIR / "config.json").is_file():
+        path = path / MODEL_SUBDIR
+    return path
+
+
+def model_kind(path: Path, option: str) -> tuple[str, str]:
+    """("causal_lm" | "scalar" | "classifier", what it is in words) from a model directory's files."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ForgeError(f"{option}: {path} has no config.json (not a model directory or stage output)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"{option}: {config_file} is unreadable ({type(exc).__name__})") from None
+    stage = None
+    meta = path / "forgepipe.json"
+    if meta.is_file():
+        try:
+            stage = json.loads(meta.read_text()).get("stage")
+        except (OSError, ValueError):
+            stage = None
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if labels == 1:
+            return "scalar", "a reward model export (sequence classifier with a scalar head, no LM head)"
+        return "classifier", f"a sequence classifier with {labels} labels"
+    words = {"sft": "an SFT export", "ppo": "a PPO export"}.get(stage, "a base model")
+    return "causal_lm", f"{words} (causal LM)"
+
+
+def check_models(cfg: Config) -> None:
+    """Every model option names a model of the kind its stage needs (before any is loaded)."""
+    catalog = cfg.model.catalog
+    if cfg.stage in ("sft", "ppo"):
+        option = "--actor" if cfg.stage == "ppo" else "--model"
+        path = _model_dir(cfg.model.name_or_path, catalog, option)
+        if path is not None:
+            kind, what = model_kind(path, option)
+            if kind != "causal_lm":
+                need = "an SFT export or a base model" if cfg.stage == "ppo" else "a base model or an SFT export"
+                raise ForgeError(f"{option}: {path} is {what}; its language-model head would start random. "
+                                 f"Stage {cfg.stage} needs {need}")
+    if cfg.stage == "reward":
+        path = _model_dir(cfg.model.name_or_path, catalog, "--model")
+        if path is not None:
+            kind, what = model_kind(path, "--model")
+            if kind == "classifier":
+                raise ForgeError(f"--model: {path} is {what}, not a scalar reward model (num_labels 1)")
+    if cfg.stage == "ppo":
+        if not cfg.ppo.reward_model:
+            raise ForgeError("--reward: required")
+        path = _model_dir(cfg.ppo.reward_model, catalog, "--reward")
+        if path is not None:
+            kind, what = model_kind(path, "--reward")
+            if kind != "scalar":
+                raise ForgeError(f"--reward: {path} is {what}, not a reward model export (no scalar head); "
+                                 "give the output of `forgepipe reward`")
+        if cfg.ppo.critic_model:
+            path = _model_dir(cfg.ppo.critic_model, catalog, "--critic")
+            if path is not None and model_kind(path, "--critic")[0] == "classifier":
+                raise ForgeError(f"--critic: {path} is {model_kind(path, '--critic')[1]}, not a scalar model")
+
+
+# ---------------------------------------------------------------------------
+# Data files
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (*JSON_SUFFIXES, *PARQUET_SUFFIXES):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file (gzip too); a non-UTF-8 line is a ForgeError."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if limit is not None and number > limit:
+                    return
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ForgeError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                     f"{exc.start + 1})") from None
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, ForgeError):
+            raise
+        raise ForgeError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
+def read_records(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The records of a JSON-lines (or JSON array) file, each checked: one line per error."""
+    name = path.name.lower()
+    if name.endswith((".json", ".json.gz")):
+        text = "".join(line for _, line in _lines(path, None))
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ForgeError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise ForgeError(f"{path}: record {bad + 1} is not a JSON object")
+            return data
+    records = []
+    for number, line in _lines(path, limit):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ForgeError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(value, dict):
+            raise ForgeError(f"{path}:{number}: invalid JSON (expected an object, got {type(value).__name__})")
+        records.append(value)
+    return records
+
+
+def world_size_from_env() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = ()) -> int | None:
+    """Check one data source; returns the stage's usable training rows when the whole file was read."""
+    from forgepipe.data.formats import (
+        DropReport,
+        check_dropped,
+        detect_format,
+        normalise_row,
+        require_pairs_columns,
+    )
+    from forgepipe.data.split import stage_share, train_eval
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return None  # a saved data set: datasets reads it (and says what is wrong) in the stage
+    if not path.exists():
+        local = source.startswith(("/", "./", "../", "~")) or _suffix(path) in (*JSON_SUFFIXES, *PARQUET_SUFFIXES) \
+            or source.count("/") > 1
+        if local:
+            raise ForgeError(f"data source '{source}': file not found")
+        if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ForgeError(f"data source '{source}': not a local file or directory, and the Hub is off "
+                             "(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)")
+        return None
+    suffix = _suffix(path)
+    if suffix in PARQUET_SUFFIXES:
+        return None
+    if suffix not in JSON_SUFFIXES:
+        raise ForgeError(f"data source '{source}': unknown file type {suffix or '(none)'} "
+                         "(expected .jsonl, .json, .parquet, .jsonl.gz, .json.gz)")
+    whole = path.stat().st_size <= FULL_SCAN_BYTES
+    records = read_records(path, None if whole else SCAN_LINES)
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    if not records:
+        raise ForgeError(f"{source}: no records")
+    fmt = detect_format(columns, source)
+    if stage == "reward":
+        require_pairs_columns(columns, source)
+    for k in keep:
+        if k not in columns:
+            raise ForgeError(f"{source}: no field {k!r} (fields: {', '.join(columns)})")
+    report = DropReport(source, total=len(records))
+    usable = []
+    for index, record in enumerate(records):
+        row, why = normalise_row(record, fmt)
+        if why:
+            report.add(why, index)
+        else:
+            usable.append(row)
+    check_dropped(report, cfg.data.max_dropped_fraction)
+    if not whole:
+        return None
+    shares = parse_split(cfg.data.split)
+    indices = stage_share(len(usable), shares, STAGES.index(stage), cfg.train.seed)
+    if not indices:
+        raise ForgeError(f"{source}: --data-split {cfg.data.split} leaves stage {stage} no rows "
+                         f"(the source has {len(usable)} usable rows)")
+    if stage == "ppo":
+        indices = [i for i in indices if usable[i][0]]
+    train, _ = train_eval(indices, cfg.data.eval_fraction, cfg.train.seed)
+    return len(train)
+
+
+def check_data(cfg: Config, required: bool = True) -> None:
+    """Every --data source exists, is UTF-8, parses, has a known format and enough usable rows."""
+    if not cfg.data.sources:
+        if required:
+            raise ForgeError("--data: at least one data source is required")
+        return
+    keep = (cfg.reward.margin_field,) if cfg.stage == "reward" and cfg.reward.margin_field else ()
+    counts = [check_source(s, cfg.stage, cfg, keep) for s in cfg.data.sources]
+    for source in cfg.data.unsupervised_sources:
+        check_source(source, "sft", cfg)
+    if any(c is None for c in counts):
+        return
+    total = sum(counts)
+    if total == 0:
+        raise ForgeError(f"{', '.join(cfg.data.sources)}: no rows with a prompt for stage {cfg.stage} "
+                         "({text} sources have none)")
+    world = world_size_from_env()
+    t = cfg.train
+    if cfg.stage == "ppo":
+        per_step = world * (cfg.ppo.generation_batch_size or t.per_device_batch_size)
+        option = "--generation-batch-size"
+    else:
+        per_step = world * t.per_device_batch_size * t.grad_accum
+        option = "--per-device-batch-size"
+    if cfg.data.packing and cfg.stage == "sft":
+        return  # packing changes the count; the stage checks after tokenization
+    if total < per_step:
+        raise ForgeError(f"{option}: {total} training rows of stage {cfg.stage} are fewer than one step "
+                         f"({per_step} = {world} ranks x batch); use a smaller batch or more data")
+
+
+def check_run(cfg: Config) -> None:
+    """Everything above, for a stage about to start."""
+    check_output_dir(cfg)
+    check_tracking(cfg.tracking.uri)
+    check_models(cfg)
+    check_data(cfg)
+
+
+def check_shown(cfg: Config) -> None:
+    """`forgepipe config show`: the same checks for whatever the command line names."""
+    if cfg.output_dir:
+        check_output_dir(cfg)
+    check_tracking(cfg.tracking.uri)
+    if cfg.model.name_or_path and (cfg.stage != "ppo" or cfg.ppo.reward_model):
+        check_models(cfg)
+    check_data(cfg, required=False)
+
+
+def check_pipeline(configs: dict[str, Config]) -> None:
+    """The pipeline: sft and reward in full; ppo's models are the exports of the first two stages."""
+    check_run(configs["sft"])
+    check_run(configs["reward"])
+    ppo = configs["ppo"]
+    check_output_dir(ppo)
+    check_data(ppo)
