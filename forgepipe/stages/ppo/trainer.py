@@ -248,7 +248,8 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
         if not cfg.data.sources:
             raise ForgeError("--data: at least one data source is required")
         gen_batch, micro_batches = ppo_batch_sizes(cfg)
-        train_raw, _ = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed, cfg.data.eval_fraction)
+        train_raw, _ = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
+                                       max_dropped_fraction=cfg.data.max_dropped_fraction)
         prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, run.cache_dir)
         per_epoch = len(prompts) // (world.world_size * gen_batch)
         if per_epoch == 0:
