@@ -59,3 +59,13 @@ slurm-up: ## Start the localhost Slurm test cluster (root)
 	scripts/ci/slurm-up.sh
 slurm-down: ## Stop the localhost Slurm test cluster
 	scripts/ci/slurm-down.sh
+
+# GPU check: the machine's own python3 (a GPU box may have torch but no venv); wheels for what it lacks
+# come from .whl/ (make gpu-wheels, on a machine with a package index).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check gpu-wheels
+gpu-check: ## Check a GPU machine: SFT/reward/PPO at ZeRO-2/3 on the FORGE-s shape, one table (CPU: tiny smoke)
+	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+gpu-wheels: ## Fetch wheels (.whl/) of the packages a CUDA/ROCm box without an index lacks, for gpu-check
+	bench/gpu_wheels.sh .whl

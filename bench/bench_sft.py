@@ -3,7 +3,7 @@
 Runs the real CLI (`forgepipe sft`) on a small GPT-NeoX built from the bundled config and reads
 throughput from the run's MLflow metrics (tokens/s counts real tokens only, averaged over the
 logged windows after the first, which includes warm-up). Memory: the training peak is the run's
-`mem/host_peak_rss_gib` metric (resident set, mean over ranks, up to the last step, before the
+`mem/host_peak_rss_gib_max` metric (resident set, the largest rank, up to the last step, before the
 export); the whole-run peak is the heaviest process over the run, export included (ru_maxrss of a
 wrapper's children). Results go to stdout as a Markdown table;
 record them with the command in bench/RESULTS.md.
@@ -58,7 +58,7 @@ def run(model: Path, work: Path, name: str, zero: int, nproc: int, dtype: str, s
                               filter_string=f"tags.mlflow.runName = '{name}'")
     history = sorted(client.get_metric_history(runs[0].info.run_id, "perf/tokens_per_s"), key=lambda m: m.step)
     samples = sorted(client.get_metric_history(runs[0].info.run_id, "perf/samples_per_s"), key=lambda m: m.step)
-    train_rss = max(m.value for m in client.get_metric_history(runs[0].info.run_id, "mem/host_peak_rss_gib")) * 1024
+    train_rss = max(m.value for m in client.get_metric_history(runs[0].info.run_id, "mem/host_peak_rss_gib_max")) * 1024
     return {"name": name, "zero": zero, "ranks": nproc, "dtype": dtype, "train_rss_mib": train_rss,
             "tokens_per_s": statistics.median(m.value for m in history[1:]),
             "samples_per_s": statistics.median(m.value for m in samples[1:]),

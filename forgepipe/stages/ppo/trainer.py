@@ -25,7 +25,7 @@ from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
 from forgepipe.deepspeed_config import build_ds_config, validate_launch
 from forgepipe.errors import ForgeError
-from forgepipe.loop import Preempted, checkpoint_due, epoch_order, rank_batches
+from forgepipe.loop import Preempted, checkpoint_due, epoch_order, memory_metrics, rank_batches
 from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import LoraSettings, hf_from_pretrained, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
@@ -416,4 +416,5 @@ def step_metrics(exp: Experience, stats: dict[str, float], training_s: float, wo
     }
     if ptx:
         record["ppo/ptx_loss"] = ptx_loss / updates
+    record.update(memory_metrics())
     return record
