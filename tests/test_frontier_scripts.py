@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -67,13 +68,30 @@ def image(tmp_path):
     return sif
 
 
+def fake_libfabric(root: Path, version: str) -> Path:
+    """A Cray libfabric module's lib64 directory (/opt/cray/libfabric/<version>/lib64)."""
+    lib64 = root / "cray" / "libfabric" / version / "lib64"
+    lib64.mkdir(parents=True, exist_ok=True)
+    (lib64 / "libfabric.so.1").write_bytes(b"")
+    return lib64
+
+
+def model_dir(path: Path) -> Path:
+    """A directory forgepipe's pre-launch checks take for a causal LM."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}')
+    return path
+
+
 def full_settings(image, tmp_path):
     return {
         "ACCOUNT": "abc123",
         "IMAGE": str(image),
-        "MODEL": str(tmp_path),
+        "MODEL": str(model_dir(tmp_path)),
         "DATA": str(DATA),
         "OUTPUT_DIR": str(tmp_path / "out"),
+        # `module load libfabric` puts its lib64 on LD_LIBRARY_PATH; the job inherits it.
+        "LD_LIBRARY_PATH": f"{fake_libfabric(tmp_path, '1.22.0')}:/opt/cray/pe/lib64",
     }
 
 
@@ -177,12 +195,12 @@ def test_dry_run_prints_the_container_srun_line_and_the_resolved_config(image, t
     bindir = tmp_path / "empty"  # no apptainer here: config resolved by the forgepipe on PATH
     bindir.mkdir()
     settings = {**full_settings(image, tmp_path), "NODES": "2"}
-    out, srun = dry_run(settings, bindir, "--max-steps", "3")
+    out, srun = dry_run(settings, bindir, "--max-steps", "3", "--per-device-batch-size", "1")
     assert out.returncode == 0, out.stderr
     assert re.fullmatch(
         r"srun -N 2 -n 16 --ntasks-per-node=8 -c7 --cpu-bind=cores --kill-on-bad-exit=1 --gpus-per-node=8 "
         rf"--gpu-bind=none apptainer exec --rocm --bind \S+ {re.escape(str(image))} forgepipe sft "
-        rf"--model {re.escape(str(tmp_path))} --data {re.escape(str(DATA))} --output-dir \S+/out --max-steps 3",
+        rf"--model {re.escape(str(tmp_path))} --data {re.escape(str(DATA))} --output-dir \S+/out --max-steps 3 --per-device-batch-size 1",
         srun,
     ), srun
     binds = srun.split("--bind ")[1].split()[0].split(",")
@@ -245,6 +263,7 @@ def job(tmp_path):
     # with FAKE_SRUN_WAIT=1, runs until SIGUSR1 and then exits with $FAKE_SRUN_RC as forgepipe's stop does.
     (bindir / "srun").write_text(
         f'#!/bin/bash\necho "srun $*" >> "{calls}"\n'
+        'if [[ -n "${FAKE_SRUN_LINES:-}" ]]; then IFS="|" read -r -a lines <<< "$FAKE_SRUN_LINES"; printf "%s\\n" "${lines[@]}"; fi\n'
         'if [[ "${FAKE_SRUN_CKPT:-1}" == 1 ]]; then\n'
         '    mkdir -p "$OUTPUT_DIR/checkpoints" && echo \'{"tag": "step-00000001"}\' > "$OUTPUT_DIR/checkpoints/latest"\n'
         "fi\n"
@@ -412,3 +431,279 @@ def test_batch_scripts_ask_for_the_warning_when_submitted_with_plain_sbatch():
     for name in ("sft", "reward", "ppo", "pipeline"):
         head = (ROOT / "scripts" / "frontier" / f"{name}.sbatch").read_text().split("\nset ")[0]
         assert "#SBATCH --signal=B:USR1@600" in head, name
+
+
+# --- What the container sees: binds, library path, environment ------------------------------------
+
+DEF = ROOT / "containers" / "Apptainer.def"
+
+
+def binds_of(srun: str) -> list[str]:
+    return srun.split("--bind ")[1].split()[0].split(",")
+
+
+def test_catalog_model_root_catalog_and_fresh_output_dir_are_all_bound_as_given(image, tmp_path):
+    """MODEL=forge-m resolves under $FORGEPIPE_MODEL_ROOT; a user catalog may name absolute paths;
+    the output and tracking directories do not exist yet. Every one is bound, under the path the
+    user gave (a symlinked model root is bound as the link, not its target)."""
+    pytest.importorskip("forgepipe.cli")
+    real_models = tmp_path / "lustre" / "models"
+    model_dir(real_models / "forge-m2")
+    (tmp_path / "proj").mkdir()
+    model_root = tmp_path / "proj" / "models"  # a symlink, as $PROJWORK paths often are
+    model_root.symlink_to(real_models)
+    finals = tmp_path / "elsewhere" / "forge-m2-final"
+    finals.mkdir(parents=True)
+    catalog = tmp_path / "catalogs" / "mine.yaml"
+    catalog.parent.mkdir()
+    catalog.write_text(f"models:\n  forge-m2-final: {{path: {finals}, params: 13B}}\n  forge-s4-rm: runs/reward/model\n")
+    output = tmp_path / "fresh" / "runs" / "sft"
+    mlruns = tmp_path / "fresh" / "mlruns"
+    settings = {
+        **full_settings(image, tmp_path),
+        "MODEL": "forge-m",
+        "OUTPUT_DIR": str(output),
+        "TRACKING_URI": f"sqlite:///{mlruns}/mlflow.db",
+        "FORGEPIPE_MODEL_ROOT": str(model_root),
+        "FORGEPIPE_CATALOG": str(catalog),
+    }
+    out, srun = dry_run(settings, tmp_path / "nobin")
+    assert out.returncode == 0, out.stderr
+    binds = binds_of(srun)
+    for path in (model_root, catalog.parent, finals, output, mlruns, DATA.parent):
+        assert str(path) in binds, (path, binds)
+    assert str(real_models) not in binds  # bound as given, not resolved
+    # The dry run lists them and what the job will create, and creates nothing.
+    for path in (model_root, catalog.parent, output):
+        assert f"#   {path}\n" in out.stdout
+    assert f"# created by the job before srun: {output}" in out.stdout
+    assert f"# created by the job before srun: {mlruns}" in out.stdout
+    assert not (tmp_path / "fresh").exists()
+    assert "# resolved config (forgepipe config show):" in out.stdout  # forge-m resolved under the root
+
+
+def test_paths_in_the_users_own_options_are_bound_too(image, tmp_path):
+    extra_data = tmp_path / "more" / "docs.jsonl"
+    extra_data.parent.mkdir()
+    extra_data.write_text('{"text": "x"}\n')
+    cache = tmp_path / "tokcache"
+    out, srun = dry_run(
+        full_settings(image, tmp_path), tmp_path, "--unsupervised-data", str(extra_data), f"--cache-dir={cache}",
+        "--resume", "auto",
+    )
+    binds = binds_of(srun)
+    assert str(extra_data.parent) in binds and str(cache) in binds
+    assert "auto" not in " ".join(binds)
+
+
+@pytest.fixture
+def job_binds(tmp_path, image):
+    """sft.sbatch with the container launcher and a stand-in srun that reports what exists."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "srun.log"
+    (bindir / "srun").write_text(
+        f'#!/bin/bash\necho "srun $*" >> "{log}"\n'
+        f'for d in "$OUTPUT_DIR" "{tmp_path}/fresh/mlruns"; do [[ -d "$d" ]] && echo "exists $d" >> "{log}"; done\n'
+        'exit 0\n'
+    )
+    (bindir / "srun").chmod(0o755)
+    settings = {
+        **full_settings(image, tmp_path),
+        "FORGEPIPE_ROOT": str(ROOT),
+        "SLURM_JOB_ID": "5151",
+        "SLURM_JOB_NUM_NODES": "1",
+        "OUTPUT_DIR": str(tmp_path / "fresh" / "out"),
+        "TRACKING_URI": f"sqlite:///{tmp_path}/fresh/mlruns/mlflow.db",
+    }
+    return bindir, log, settings
+
+
+def test_the_job_creates_what_the_stage_writes_before_apptainer_binds_it(job_binds, tmp_path):
+    bindir, log, settings = job_binds
+    out = run([ROOT / "scripts" / "frontier" / "sft.sbatch"], settings, bindir, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = log.read_text()
+    assert f"exists {tmp_path}/fresh/out" in text and f"exists {tmp_path}/fresh/mlruns" in text
+    srun = text.splitlines()[0]
+    assert f"{tmp_path}/fresh/out" in binds_of(srun) and f"{tmp_path}/fresh/mlruns" in binds_of(srun)
+
+
+def source_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment after sourcing env.sh as a batch job does."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "USER": "tester", **extra}
+    out = subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; . "{ROOT}/scripts/frontier/env.sh"; env -0'],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    return dict(item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
+
+
+def container_env(host: dict[str, str], base_image_env: dict[str, str]) -> dict[str, str]:
+    """What Apptainer (>= 1.1, action script) builds in the container: clear the host environment,
+    the base image's ENV, the def file's %environment, /.singularity.d/libs appended, then the
+    APPTAINERENV_ variables exported in double quotes (evaluated in the container; LD_LIBRARY_PATH
+    gets /.singularity.d/libs appended), then host variables the image did not set."""
+    environment = re.search(r"^%environment\n(.*?)^%", DEF.read_text(), flags=re.S | re.M).group(1)
+    environment = re.sub(r"\{\{\s*\w+\s*\}\}", "x", environment)
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in base_image_env.items()]
+    lines += [environment, 'export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/.singularity.d/libs"']
+    for key, value in host.items():
+        if key.startswith("APPTAINERENV_"):
+            name = key[len("APPTAINERENV_"):]
+            if name == "LD_LIBRARY_PATH":
+                value += ":/.singularity.d/libs"
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'export {name}="{escaped}"')
+    lines.append("env -0")
+    out = subprocess.run(["bash", "-c", "\n".join(lines)], env={"PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True)
+    inside = dict(item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
+    for key, value in host.items():  # restore_env: host variables the image did not define
+        inside.setdefault(key, value)
+    return inside
+
+
+def test_the_container_library_path_extends_the_images_with_the_modules_libfabric_first(tmp_path):
+    module = fake_libfabric(tmp_path, "1.22.0")
+    fake_libfabric(tmp_path, "2.3.1")  # newer on disk, not loaded: never picked
+    host = source_env({
+        "LD_LIBRARY_PATH": f"/opt/cray/pe/lib64:{module}",
+        "NODES": "2",
+        "SLURM_JOB_ID": "77",
+        # A host rccl-net-plugin module points RCCL at a path that does not exist in the image.
+        "NCCL_NET_PLUGIN": "/sw/frontier/rccl-net-plugin/lib/librccl-net.so",
+    })
+    assert host["FORGEPIPE_LIBFABRIC_DIR"] == str(module)
+    inside = container_env(host, {"LD_LIBRARY_PATH": "/opt/ompi/lib:/usr/local/lib"})
+    path = inside["LD_LIBRARY_PATH"].split(":")
+    assert path[0] == str(module)
+    for kept in ("/opt/ompi/lib", "/usr/local/lib", "/opt/rocm/lib", "/opt/aws-ofi-nccl/lib", "/opt/libfabric/lib"):
+        assert kept in path, (kept, path)
+    # The host libfabric before the image's own; the image's base path before its additions.
+    assert path.index(str(module)) < path.index("/opt/libfabric/lib")
+    assert path.index("/opt/ompi/lib") < path.index("/opt/rocm/lib") < path.index("/opt/aws-ofi-nccl/lib")
+    assert inside["NCCL_NET_PLUGIN"] == "/opt/aws-ofi-nccl/lib/librccl-net.so"
+    # The job's settings win over the image's defaults.
+    assert inside["MIOPEN_USER_DB_PATH"] == "/tmp/forgepipe-tester-77/miopen"
+    assert inside["NCCL_NET"] == "OFI" and inside["FI_MR_CACHE_MONITOR"] == "kdreg2"
+
+
+def test_every_variable_the_image_sets_is_passed_so_that_the_jobs_value_wins():
+    image_sets = set(re.findall(r"^\s*export (\w+)=", re.search(r"^%environment\n(.*?)^%", DEF.read_text(),
+                                                                   flags=re.S | re.M).group(1), flags=re.M))
+    host = source_env({"NODES": "2", "SLURM_JOB_ID": "1", "FORGEPIPE_LIBFABRIC_DIR": "/opt/cray/libfabric/x/lib64"})
+    passed = {k[len("APPTAINERENV_"):] for k in host if k.startswith("APPTAINERENV_")}
+    assert image_sets - {"FORGEPIPE_GIT_COMMIT", "FORGEPIPE_IMAGE_BUILD"} <= passed
+
+
+def test_caches_and_home_are_node_local_and_job_scoped():
+    host = source_env({"SLURM_JOB_ID": "4242"})
+    job_tmp = "/tmp/forgepipe-tester-4242"
+    assert host["FORGEPIPE_NODE_TMP"] == job_tmp
+    for name, sub in [("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "hf-datasets"), ("TRITON_CACHE_DIR", "triton"),
+                      ("TORCH_EXTENSIONS_DIR", "torch-extensions"), ("MIOPEN_USER_DB_PATH", "miopen")]:
+        assert host[name] == f"{job_tmp}/{sub}", name
+        assert host[f"APPTAINERENV_{name}"] == host[name]
+    assert host["PYTHONNOUSERSITE"] == "1" and host["APPTAINERENV_PYTHONNOUSERSITE"] == "1"
+    # A setting of the user's own wins.
+    assert source_env({"SLURM_JOB_ID": "1", "HF_HOME": "/lustre/hf"})["APPTAINERENV_HF_HOME"] == "/lustre/hf"
+
+
+def test_system_libraries_for_the_host_libfabric_come_from_ldd_without_the_c_runtime(tmp_path):
+    module = fake_libfabric(tmp_path, "1.22.0")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ldd").write_text(
+        "#!/bin/sh\n"
+        "echo '\tlinux-vdso.so.1 (0x00007ffd)'\n"
+        "echo '\tlibc.so.6 => /lib64/libc.so.6 (0x1)'\n"
+        "echo '\tlibcurl.so.4 => /bin/sh (0x2)'\n"  # an existing file standing in for /usr/lib64/libcurl.so.4
+        "echo '\tlibpthread.so.0 => /lib64/libpthread.so.0 (0x3)'\n"
+    )
+    (bindir / "ldd").chmod(0o755)
+    host = source_env({"PATH": f"{bindir}:/usr/bin:/bin", "LD_LIBRARY_PATH": str(module), "NODES": "2"})
+    libs = host.get("APPTAINER_CONTAINLIBS", "")
+    assert "libc.so" not in libs and "libpthread" not in libs
+    out = subprocess.run(
+        ["bash", "-c", f'. "{ROOT}/scripts/frontier/env.sh"; fp_fabric_libs'],
+        env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": "/tmp", "USER": "t", "LD_LIBRARY_PATH": str(module)},
+        capture_output=True, text=True,
+    )
+    # /usr/lib64 and /lib64 only: the stand-in /bin/sh path is not a system library directory.
+    assert "/bin/sh" not in out.stdout
+
+
+def test_a_multi_node_container_job_needs_the_host_libfabric(recorder, image, tmp_path):
+    bindir, log = recorder
+    settings = {**full_settings(image, tmp_path), "NODES": "2", "LD_LIBRARY_PATH": "/opt/cray/pe/lib64"}
+    out = run([SUBMIT, "sft"], settings, bindir)
+    assert out.returncode == 2 and "missing setting FORGEPIPE_LIBFABRIC_DIR" in out.stderr
+    assert "module load libfabric" in out.stderr and not log.exists()
+    # One node needs no network plugin; an explicit directory is used as given.
+    assert run([SUBMIT, "sft"], {**settings, "NODES": "1"}, bindir).returncode == 0
+    explicit = fake_libfabric(tmp_path, "2.3.1")
+    out, _ = dry_run({**settings, "FORGEPIPE_LIBFABRIC_DIR": str(explicit)}, tmp_path / "nobin")
+    assert f"# container library path: {explicit}:$LD_LIBRARY_PATH" in out.stdout
+
+
+# --- RCCL's libfabric plugin: the job stops with the cause instead of hanging -----------------------
+
+OFI_OK = "|".join([
+    "n1:10:10 [0] NCCL INFO NCCL version 2.22.3+hip6.4",
+    "n1:10:20 [0] NCCL INFO NET/Plugin: Loaded net plugin OFI (v9)",
+    "n1:10:20 [0] NCCL INFO NET/OFI Selected provider is cxi, fabric is cxi (found 4 nics)",
+    "n1:10:20 [0] NCCL INFO Using network OFI",
+])
+
+
+def ofi_job(job, rc: int, lines: str, wait: bool = False, **extra: str):
+    start, sbatch_calls, calls, tmp_path = job
+    env = {"FORGEPIPE_DEVICE": "gpu", "SLURM_JOB_NUM_NODES": "2", "FAKE_SRUN_LINES": lines, **extra}
+    t0 = time.monotonic()
+    code, out = finish(start(rc, wait=wait, **env))
+    return code, out, time.monotonic() - t0, sbatch_calls()
+
+
+def test_a_job_whose_plugin_loads_runs_and_says_which_line_proved_it(job):
+    code, out, _, resubmitted = ofi_job(job, 0, OFI_OK)
+    assert code == 0, out
+    assert "NCCL INFO Using network OFI" in out  # RCCL's own lines reach the job log
+    assert "RCCL is using its libfabric (OFI) plugin: Using network OFI" in out
+    assert not resubmitted
+
+
+@pytest.mark.parametrize(
+    ("lines", "extra", "cause"),
+    [
+        (
+            "n1:1:1 [0] NCCL INFO NET/Plugin: Could not find: librccl-net.so|n1:1:1 [0] NCCL WARN Error: network OFI not found.",
+            {},
+            "network plugin did not load or start",
+        ),
+        (
+            "n1:1:1 [0] NCCL INFO NET/Plugin: Loaded net plugin OFI (v9)|n1:1:1 [0] NCCL INFO NET/OFI Selected provider is tcp, fabric is 10.0.0.0/8",
+            {},
+            "the 'tcp' provider, not 'cxi'",
+        ),
+        ("n1:1:1 [0] NCCL INFO NCCL version 2.22.3+hip6.4", {"FORGEPIPE_OFI_TIMEOUT": "2"}, "has not chosen a network"),
+    ],
+    ids=["plugin-missing", "wrong-provider", "silent-hang"],
+)
+def test_a_multi_node_job_without_the_plugin_stops_with_the_cause_instead_of_hanging(job, lines, extra, cause):
+    code, out, took, resubmitted = ofi_job(job, 0, lines, wait=True, **extra)  # srun would run forever
+    assert code != 0, out
+    assert "multi-node run stopped:" in out and cause in out, out
+    assert took < 40 and not resubmitted
+    if "Could not find" in lines:
+        assert "last plugin message: INFO NET/Plugin: Could not find: librccl-net.so" in out
+
+
+def test_the_plugin_check_stays_off_on_one_node_and_on_request(job):
+    lines = "n1:1:1 [0] NCCL INFO Using network Socket"
+    code, out, _, _ = ofi_job(job, 0, lines, SLURM_JOB_NUM_NODES="1")
+    assert code == 0 and "multi-node run stopped" not in out
+    code, out, _, _ = ofi_job(job, 0, lines, FORGEPIPE_OFI_CHECK="0")
+    assert code == 0 and "multi-node run stopped" not in out
+    code, out, _, _ = ofi_job(job, 0, lines)
+    assert code != 0 and "using the 'Socket' network" in out

@@ -1,8 +1,14 @@
 # shellcheck shell=bash
-# The one environment file for forgepipe jobs on Frontier: node shape, RCCL over Slingshot,
-# libfabric, MIOpen caches, container binds. Sourced by launch.sh inside the batch job (and by
-# submit.sh for checks and --dry-run). Every value is a default: a variable already set wins.
-# Follows OLCF's "PyTorch on Frontier" and "Containers on Frontier" guidance.
+# The one environment file for forgepipe runs: on Frontier (node shape, RCCL over Slingshot,
+# libfabric, caches, what the container sees) and on a workstation (scripts/local/run.sh sources it
+# with FORGEPIPE_SITE=local: caches and container variables only, no Slingshot settings). Sourced
+# by launch.sh inside the batch job (and by submit.sh for checks and --dry-run). Every value is a
+# default: a variable already set wins. Follows OLCF's "PyTorch on Frontier" and "Containers on
+# Frontier" guidance.
+
+# frontier: everything below; local: a Docker run on a workstation (scripts/local/run.sh).
+: "${FORGEPIPE_SITE:=frontier}"
+export FORGEPIPE_SITE
 
 # --- Node shape and launch switches -------------------------------------------------------------
 # One rank per GCD: 8 per node, 7 cores each (Frontier reserves one core per L3 region).
@@ -42,12 +48,26 @@ export NODES
 : "${FORGEPIPE_NVME_DIR:=/mnt/bb/${USER:-$(id -un)}}"
 export FORGEPIPE_STAGE_IMAGE FORGEPIPE_NVME_DIR
 
+if [[ "$FORGEPIPE_SITE" == frontier ]]; then
 # --- RCCL over Slingshot ------------------------------------------------------------------------
 # The libfabric plugin only initialises on multi-node jobs (the network is not set up for one
 # node), so OFI is forced only then: a multi-node run then fails at start if the plugin is
 # missing, instead of silently using TCP sockets.
 if [[ -z "${NCCL_NET:-}" ]]; then
     if (( NODES > 1 )); then export NCCL_NET=OFI; else export NCCL_NET=Socket; fi
+fi
+# On such a job launch.sh also watches RCCL's own report (NCCL_DEBUG=INFO, INIT and NET lines) for
+# the plugin: the run stops with the cause when it does not load, rather than hang or crawl.
+# FORGEPIPE_OFI_CHECK=0 turns this off; FORGEPIPE_OFI_TIMEOUT (seconds from RCCL's first line to
+# its "Using network" line) bounds a silent start; FORGEPIPE_OFI_PROVIDER is the libfabric provider
+# the plugin must pick (cxi: Slingshot).
+: "${FORGEPIPE_OFI_CHECK:=1}"
+: "${FORGEPIPE_OFI_TIMEOUT:=300}"
+: "${FORGEPIPE_OFI_PROVIDER:=cxi}"
+export FORGEPIPE_OFI_CHECK FORGEPIPE_OFI_TIMEOUT FORGEPIPE_OFI_PROVIDER
+if [[ "$NCCL_NET" == OFI && "$FORGEPIPE_OFI_CHECK" == 1 ]]; then
+    export NCCL_DEBUG="${NCCL_DEBUG:-INFO}"
+    export NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
 fi
 # Let rings and trees use any of a node's four NICs.
 export NCCL_CROSS_NIC="${NCCL_CROSS_NIC:-1}"
@@ -78,40 +98,124 @@ if [[ "$FORGEPIPE_ALT_RDZV" == 1 ]]; then
     export FI_CXI_RDZV_THRESHOLD="${FI_CXI_RDZV_THRESHOLD:-0}"
     export FI_CXI_RDZV_GET_MIN="${FI_CXI_RDZV_GET_MIN:-0}"
 fi
+fi  # FORGEPIPE_SITE == frontier
 
-# --- MIOpen -------------------------------------------------------------------------------------
-# MIOpen's user database is one sqlite file; thousands of ranks writing it on NFS or Lustre fail
-# with "disk I/O error". Keep it, and the kernel cache, per node and per job under /tmp.
-export MIOPEN_USER_DB_PATH="${MIOPEN_USER_DB_PATH:-/tmp/miopen-${USER:-$(id -un)}-${SLURM_JOB_ID:-local}}"
+# --- Caches and home: node-local, one set per job ----------------------------------------------
+# Many ranks writing one sqlite file or cache directory on NFS ($HOME) or Lustre fail with disk I/O
+# errors or lock contention, and a cache shared between jobs can hold another build's kernels: every
+# cache goes to node-local /tmp (memory-backed on Frontier's compute nodes), one directory per user
+# and job. forgepipe's own tokenized-data cache is not among them: it lives in the output directory
+# (shared, so that rank 0 builds it once for every node).
+: "${FORGEPIPE_NODE_TMP:=/tmp/forgepipe-${USER:-$(id -un)}-${SLURM_JOB_ID:-local}}"
+export FORGEPIPE_NODE_TMP
+# MIOpen's user database (one sqlite file) and kernel cache.
+export MIOPEN_USER_DB_PATH="${MIOPEN_USER_DB_PATH:-$FORGEPIPE_NODE_TMP/miopen}"
 export MIOPEN_CUSTOM_CACHE_DIR="${MIOPEN_CUSTOM_CACHE_DIR:-$MIOPEN_USER_DB_PATH}"
+# Hugging Face: Frontier's compute nodes have no internet, models and data are local paths, so the
+# hub cache and `datasets`' Arrow cache of raw files are per job. On a workstation the hub cache is
+# the user's own (downloads are kept; run.sh binds it).
+if [[ "$FORGEPIPE_SITE" == local ]]; then
+    export HF_HOME="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}"
+else
+    export HF_HOME="${HF_HOME:-$FORGEPIPE_NODE_TMP/hf}"
+fi
+export HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-$FORGEPIPE_NODE_TMP/hf-datasets}"
+# Triton's compiled kernels and torch's JIT extensions (DeepSpeed ops not prebuilt in the image).
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$FORGEPIPE_NODE_TMP/triton}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$FORGEPIPE_NODE_TMP/torch-extensions}"
+# A user's ~/.local packages must never shadow the image's (or the job environment's).
+export PYTHONNOUSERSITE="${PYTHONNOUSERSITE:-1}"
 
 # --- Inside the container -----------------------------------------------------------------------
-# The host's Cray libfabric (the only one with the CXI provider) goes first on the container's
-# library path, ahead of the image's own; Apptainer does not pass the host LD_LIBRARY_PATH itself.
-if [[ -z "${FORGEPIPE_LIBFABRIC_DIR:-}" ]]; then
-    # The newest /opt/cray/libfabric/<version>/lib64 on this host, if any.
-    FORGEPIPE_LIBFABRIC_DIR="$( (compgen -G '/opt/cray/libfabric/*/lib64' || true) | sort -V | tail -n 1)"
+# Apptainer does not let a host variable override one the image sets (%environment, the base
+# image's ENV), only APPTAINERENV_<NAME>, and it evaluates APPTAINERENV_ values in the container
+# after the image's own environment. So every variable this file sets for the run is passed as
+# APPTAINERENV_<NAME> (docker: -e NAME, by run.sh); FORGEPIPE_CONTAINER_ENV lists them.
+FORGEPIPE_CONTAINER_ENV="MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR HF_HOME HF_DATASETS_CACHE TRITON_CACHE_DIR TORCH_EXTENSIONS_DIR PYTHONNOUSERSITE FORGEPIPE_NODE_TMP"
+if [[ "$FORGEPIPE_SITE" == frontier ]]; then
+    FORGEPIPE_CONTAINER_ENV+=" NCCL_NET NCCL_CROSS_NIC NCCL_NET_GDR_LEVEL NCCL_SOCKET_IFNAME HSA_FORCE_FINE_GRAIN_PCIE"
+    FORGEPIPE_CONTAINER_ENV+=" FI_MR_CACHE_MONITOR FI_CXI_DISABLE_HOST_REGISTER FI_CXI_DEFAULT_CQ_SIZE FI_CXI_DEFAULT_TX_SIZE FI_CXI_RX_MATCH_MODE"
+    if [[ "$FORGEPIPE_ALT_RDZV" == 1 ]]; then
+        FORGEPIPE_CONTAINER_ENV+=" FI_CXI_RDZV_PROTO FI_CXI_RDZV_EAGER_SIZE FI_CXI_RDZV_THRESHOLD FI_CXI_RDZV_GET_MIN"
+    fi
 fi
+for _fp_var in NCCL_DEBUG NCCL_DEBUG_SUBSYS FI_PROVIDER MLFLOW_TRACKING_URI FORGEPIPE_MODEL_ROOT FORGEPIPE_CATALOG; do
+    if [[ -n "${!_fp_var:-}" ]]; then FORGEPIPE_CONTAINER_ENV+=" $_fp_var"; fi
+done
+unset _fp_var
+export FORGEPIPE_CONTAINER_ENV
+
+# RCCL's libfabric plugin is the image's: a host `rccl-net-plugin` module sets NCCL_NET_PLUGIN to a
+# host path that does not exist in the container, so the image's path is passed explicitly.
+: "${FORGEPIPE_NCCL_NET_PLUGIN:=/opt/aws-ofi-nccl/lib/librccl-net.so}"
+export FORGEPIPE_NCCL_NET_PLUGIN
+
+# The host's Cray libfabric is the only one with the CXI (Slingshot) provider: it goes first on the
+# container's library path, the image's own path (ROCm, the plugin, its libfabric) after it.
+# FORGEPIPE_LIBFABRIC_DIR: its lib64 directory; default: the loaded libfabric module's, i.e. the
+# first directory on LD_LIBRARY_PATH that holds libfabric.so.1 (what a host program would load;
+# never merely the newest version on disk).
+fp_module_libfabric_dir() {
+    local dir
+    local -a dirs
+    IFS=: read -r -a dirs <<< "${LD_LIBRARY_PATH:-}"
+    for dir in "${dirs[@]}"; do
+        if [[ -n "$dir" && -e "$dir/libfabric.so.1" ]]; then echo "$dir"; return 0; fi
+    done
+    return 0
+}
+if [[ "$FORGEPIPE_SITE" == frontier && -z "${FORGEPIPE_LIBFABRIC_DIR:-}" ]]; then
+    FORGEPIPE_LIBFABRIC_DIR="$(fp_module_libfabric_dir)"
+fi
+: "${FORGEPIPE_LIBFABRIC_DIR:=}"
 export FORGEPIPE_LIBFABRIC_DIR
-if [[ "$FORGEPIPE_LAUNCHER" == apptainer && -n "$FORGEPIPE_LIBFABRIC_DIR" ]]; then
-    export APPTAINERENV_LD_LIBRARY_PATH="${APPTAINERENV_LD_LIBRARY_PATH:-$FORGEPIPE_LIBFABRIC_DIR:${CRAY_LD_LIBRARY_PATH:-/opt/cray/pe/lib64}:/opt/aws-ofi-nccl/lib:/opt/libfabric/lib}"
-    # System libraries the CXI provider links against, copied into the container's library dir
-    # (only those present on this host are named).
-    if [[ -z "${APPTAINER_CONTAINLIBS:-}" ]]; then
-        _fp_libs=()
-        for _fp_lib in /usr/lib64/libcxi.so.1 /usr/lib64/libjson-c.so.3 /usr/lib64/libjson-c.so.5 \
-            /usr/lib64/libnl-3.so.200 /usr/lib64/libnl-route-3.so.200 /usr/lib64/libjansson.so.4 /usr/lib64/libdrm.so.2; do
-            [[ -e "$_fp_lib" ]] && _fp_libs+=("$_fp_lib")
-        done
-        if (( ${#_fp_libs[@]} )); then
-            APPTAINER_CONTAINLIBS="$(IFS=,; echo "${_fp_libs[*]}")"
-            export APPTAINER_CONTAINLIBS
+
+# System libraries the host libfabric needs that the image lacks, copied into the container's
+# /.singularity.d/libs (Apptainer puts that directory on the library path): OLCF's list for RCCL in
+# containers (libcxi, json-c, libnl, jansson, libxpmem, ...) plus whatever `ldd` says the host
+# libfabric links from the system directories, C runtime aside. Only files present are named.
+fp_fabric_libs() {
+    local lib
+    {
+        printf '%s\n' /usr/lib64/libcxi.so.1 /usr/lib64/libjson-c.so.3 /usr/lib64/libjson-c.so.5 \
+            /usr/lib64/libnl-3.so.200 /usr/lib64/libnl-route-3.so.200 /usr/lib64/libjansson.so.4 \
+            /usr/lib64/libdrm.so.2 /usr/lib64/libxpmem.so.0
+        if [[ -n "$FORGEPIPE_LIBFABRIC_DIR" && -e "$FORGEPIPE_LIBFABRIC_DIR/libfabric.so.1" ]] && command -v ldd >/dev/null; then
+            { ldd "$FORGEPIPE_LIBFABRIC_DIR/libfabric.so.1" 2>/dev/null || true; } | awk '$2 == "=>" && $3 ~ /^\/(usr\/)?lib64\// {print $3}'
         fi
-        unset _fp_lib _fp_libs
+    } | while IFS= read -r lib; do
+        case "$(basename "$lib")" in
+            libc.so* | libm.so* | libdl.so* | libpthread.so* | librt.so* | libresolv.so* | libutil.so* | \
+                ld-linux* | libgcc_s.so* | libstdc++.so* | libz.so*) continue ;;
+        esac
+        if [[ -e "$lib" ]]; then echo "$lib"; fi
+    done | awk '!seen[$0]++'
+}
+
+if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
+    for _fp_var in $FORGEPIPE_CONTAINER_ENV; do
+        _fp_name="APPTAINERENV_$_fp_var"
+        [[ -n "${!_fp_name:-}" ]] || export "$_fp_name=${!_fp_var}"
+    done
+    unset _fp_var _fp_name
+    export APPTAINERENV_NCCL_NET_PLUGIN="${APPTAINERENV_NCCL_NET_PLUGIN:-$FORGEPIPE_NCCL_NET_PLUGIN}"
+    if [[ "$FORGEPIPE_SITE" == frontier && -n "$FORGEPIPE_LIBFABRIC_DIR" ]]; then
+        # The literal $LD_LIBRARY_PATH is expanded inside the container, after the image's own
+        # environment: the host libfabric first, then everything the image put there.
+        # shellcheck disable=SC2016
+        export APPTAINERENV_LD_LIBRARY_PATH="${APPTAINERENV_LD_LIBRARY_PATH:-$FORGEPIPE_LIBFABRIC_DIR:\$LD_LIBRARY_PATH}"
+        if [[ -z "${APPTAINER_CONTAINLIBS:-}" ]]; then
+            APPTAINER_CONTAINLIBS="$(fp_fabric_libs | paste -sd, -)"
+            if [[ -n "$APPTAINER_CONTAINLIBS" ]]; then export APPTAINER_CONTAINLIBS; else unset APPTAINER_CONTAINLIBS; fi
+        fi
     fi
 fi
 # Host directories the container needs: the Cray libraries and Slurm's spool (for the step's
-# environment). The model, data and output directories are added by launch.sh; add more with
+# environment). The directories a stage reads and writes are added by launch.sh; add more with
 # FORGEPIPE_BINDS (comma-separated).
-: "${FORGEPIPE_SYSTEM_BINDS:=/opt/cray,/usr/share/libdrm,/var/spool/slurmd}"
+if [[ "$FORGEPIPE_SITE" == frontier ]]; then
+    : "${FORGEPIPE_SYSTEM_BINDS:=/opt/cray,/usr/share/libdrm,/var/spool/slurmd}"
+else
+    : "${FORGEPIPE_SYSTEM_BINDS:=}"
+fi
 export FORGEPIPE_SYSTEM_BINDS

@@ -56,6 +56,13 @@ fp_check() {
     done
     [[ -n "${DATA:-}" ]] || fp_missing DATA "set DATA=<file, dataset dir or Hub name>[,<more>...]"
     [[ -n "${OUTPUT_DIR:-}" ]] || fp_missing OUTPUT_DIR "set OUTPUT_DIR=<directory the stage writes to>"
+    # Between nodes RCCL needs the host's Cray libfabric (CXI provider) inside the container.
+    if [[ "$FORGEPIPE_SITE" == frontier && "$FORGEPIPE_LAUNCHER" == apptainer && "$FORGEPIPE_DEVICE" == gpu ]] && (( NODES > 1 )); then
+        [[ -n "$FORGEPIPE_LIBFABRIC_DIR" ]] \
+            || fp_missing FORGEPIPE_LIBFABRIC_DIR "no libfabric.so.1 on LD_LIBRARY_PATH: 'module load libfabric' (the job inherits it) or set FORGEPIPE_LIBFABRIC_DIR=/opt/cray/libfabric/<version>/lib64"
+        [[ -e "$FORGEPIPE_LIBFABRIC_DIR/libfabric.so.1" ]] \
+            || fp_die "FORGEPIPE_LIBFABRIC_DIR: no libfabric.so.1 in $FORGEPIPE_LIBFABRIC_DIR"
+    fi
 }
 
 # Does this launch turn on ZeRO++ (zeropp) or its quantized gradients (qgz)? Reads ZEROPP and args.
@@ -113,31 +120,85 @@ fp_forgepipe_args() {
     FP_COMMON_ARGS+=("$@")
 }
 
-# Host directories the container must see: system binds, FORGEPIPE_BINDS, and the existing
-# directories of the model, data, output, config and sqlite tracking paths.
+# fp_path PATH: PATH made absolute as given (symlinks kept, not resolved: the stage is handed the
+# path as the user wrote it, so that is the path that must exist in the container).
+fp_path() {
+    local p="$1"
+    [[ "$p" == /* ]] || p="$PWD/$p"
+    realpath -s -m -- "$p"
+}
+
+# fp_binds ARG...: FP_BINDS, the host directories the container must see for a forgepipe command
+# line ARG... (FP_MODEL_ARGS + FP_COMMON_ARGS, the user's own options included), and FP_MKDIRS, the
+# ones the stage writes that may not exist yet (fp_launch creates them just before srun; a dry run
+# creates nothing). Bound as given, never resolved:
+# - system binds and FORGEPIPE_BINDS;
+# - read paths (--model, --actor, --reward, --reward-model, --critic, --tokenizer, --data,
+#   --unsupervised-data, --config, --catalog, --resume <dir>): the directory, or a file's
+#   directory, when it exists (a catalog or Hub name is not a path);
+# - written paths (--output-dir, --cache-dir, a sqlite --tracking-uri's directory), existing or not;
+# - catalog models: $FORGEPIPE_MODEL_ROOT (relative catalog paths resolve under it), the user
+#   catalog's directory ($FORGEPIPE_CATALOG or --catalog) and every absolute path in that catalog.
 fp_binds() {
-    local -a paths=() dirs=()
-    local p d seen=","
+    local -a paths=() reads=() writes=() catalogs=()
+    local p d opt value seen=","
+    FP_BINDS=()
+    FP_MKDIRS=()
     IFS=, read -r -a paths <<< "$FORGEPIPE_SYSTEM_BINDS${FORGEPIPE_BINDS:+,$FORGEPIPE_BINDS}"
-    for p in "${paths[@]}"; do [[ -e "$p" ]] && dirs+=("$p"); done
-    local -a candidates=("${MODEL:-}" "${ACTOR:-}" "${REWARD_MODEL:-}" "${CRITIC:-}" "${CONFIG:-}" "$OUTPUT_DIR")
-    IFS=, read -r -a paths <<< "$DATA"
-    candidates+=("${paths[@]}")
-    [[ "${TRACKING_URI:-}" == sqlite:///* ]] && candidates+=("${TRACKING_URI#sqlite://}")
-    for p in "${candidates[@]}"; do
-        [[ -n "$p" ]] || continue
-        if [[ -d "$p" ]]; then d="$p"; elif [[ -e "$p" || -d "$(dirname "$p")" ]]; then d="$(dirname "$p")"; else continue; fi
-        d="$(cd "$d" && pwd -P)"
-        [[ "$seen" == *",$d,"* ]] && continue
-        seen+="$d,"
-        dirs+=("$d")
+    for p in "${paths[@]}"; do
+        if [[ -n "$p" && -e "$p" && "$seen" != *",$p,"* ]]; then seen+="$p,"; FP_BINDS+=("$p"); fi
     done
-    (IFS=,; echo "${dirs[*]}")
+    local read_opts=" --model --actor --reward --reward-model --critic --tokenizer --data --unsupervised-data --config --resume "
+    local path_opts="$read_opts--catalog --output-dir --cache-dir --tracking-uri "
+    while (( $# )); do
+        opt="$1"
+        shift
+        if [[ "$opt" == --*=* ]]; then
+            value="${opt#*=}"
+            opt="${opt%%=*}"
+        elif [[ "$path_opts" == *" $opt "* ]] && (( $# )); then
+            value="$1"
+            shift
+        else
+            continue
+        fi
+        if [[ "$read_opts" == *" $opt "* ]]; then
+            reads+=("$value")
+        elif [[ "$opt" == --catalog ]]; then
+            reads+=("$value")
+            catalogs+=("$value")
+        elif [[ "$opt" == --output-dir || "$opt" == --cache-dir ]]; then
+            writes+=("$value")
+        elif [[ "$opt" == --tracking-uri && "$value" == sqlite:///* ]]; then
+            writes+=("$(dirname "${value#sqlite://}")")
+        fi
+    done
+    if [[ -n "${FORGEPIPE_CATALOG:-}" ]]; then catalogs+=("$FORGEPIPE_CATALOG"); reads+=("$FORGEPIPE_CATALOG"); fi
+    if [[ -n "${FORGEPIPE_MODEL_ROOT:-}" ]]; then reads+=("$FORGEPIPE_MODEL_ROOT"); fi
+    for p in "${catalogs[@]}"; do
+        [[ -f "$p" ]] || continue
+        while IFS= read -r d; do reads+=("$d"); done < <(sed -n 's/^[^#]*:[[:space:]]*\(\/[^[:space:],}#]*\).*$/\1/p' "$p")
+    done
+    for p in "${reads[@]}"; do
+        [[ -n "$p" && "$p" != *://* ]] || continue
+        if [[ -d "$p" ]]; then d="$p"; elif [[ -e "$p" ]]; then d="$(dirname "$p")"; else continue; fi
+        d="$(fp_path "$d")"
+        if [[ "$seen" != *",$d,"* ]]; then seen+="$d,"; FP_BINDS+=("$d"); fi
+    done
+    for p in "${writes[@]}"; do
+        [[ -n "$p" ]] || continue
+        d="$(fp_path "$p")"
+        [[ -d "$d" ]] || FP_MKDIRS+=("$d")
+        if [[ "$seen" != *",$d,"* ]]; then seen+="$d,"; FP_BINDS+=("$d"); fi
+    done
+    return 0
 }
 
 # fp_srun_cmd STAGE: FP_SRUN, the full srun command line (after fp_forgepipe_args).
 fp_srun_cmd() {
     local stage="$1" image="${FP_IMAGE:-${IMAGE:-}}"
+    FP_BINDS=()
+    FP_MKDIRS=()
     FP_SRUN=(srun -N "$NODES" -n "$((NODES * GPUS_PER_NODE))" --ntasks-per-node="$GPUS_PER_NODE"
         "-c$CPUS_PER_TASK" --cpu-bind=cores --kill-on-bad-exit=1)
     if [[ "$FORGEPIPE_DEVICE" == gpu ]]; then
@@ -151,7 +212,8 @@ fp_srun_cmd() {
     if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
         FP_SRUN+=(apptainer exec)
         [[ "$FORGEPIPE_DEVICE" == gpu ]] && FP_SRUN+=(--rocm)
-        FP_SRUN+=(--bind "$(fp_binds)" "$image" forgepipe)
+        fp_binds "${FP_MODEL_ARGS[@]}" "${FP_COMMON_ARGS[@]}"
+        FP_SRUN+=(--bind "$(IFS=,; echo "${FP_BINDS[*]}")" "$image" forgepipe)
     else
         FP_SRUN+=("$FORGEPIPE_BIN")
     fi
@@ -307,9 +369,10 @@ fp_launch() {
     trap fp_on_warning USR1
     fp_check "$stage" job
     fp_forgepipe_args "$stage" "$@"
-    mkdir -p "$OUTPUT_DIR"
     fp_stage_image
     fp_srun_cmd "$stage"
+    # What the stage writes must exist before Apptainer can bind it.
+    mkdir -p "$OUTPUT_DIR" "${FP_MKDIRS[@]}"
     if [[ "$FORGEPIPE_DEVICE" == gpu && "$FORGEPIPE_GPU_BIND" == all ]]; then
         # cuda:LOCAL_RANK is then the GCD nearest the rank's cores (forgepipe.distributed.device_for).
         local -a order
@@ -324,10 +387,36 @@ fp_launch() {
         rc=$FORGEPIPE_EXIT_REQUEUE
     else
         echo "forgepipe: $(fp_print_cmd "${FP_SRUN[@]}")"
-        "${FP_SRUN[@]}" &
-        FP_STEP_PID=$!
+        local watch_pid="" fifo="" verdict=""
+        if fp_ofi_watch_wanted; then
+            # srun's output goes through fp_ofi_watch (and on to the job log), which stops the
+            # step if RCCL's libfabric plugin does not load.
+            fifo="$(mktemp -u "${TMPDIR:-/tmp}/forgepipe-srun.XXXXXX")"
+            verdict="$(mktemp "${TMPDIR:-/tmp}/forgepipe-ofi.XXXXXX")"
+            mkfifo "$fifo"
+            "${FP_SRUN[@]}" > "$fifo" 2>&1 &
+            FP_STEP_PID=$!
+            fp_ofi_watch "$FP_STEP_PID" "$verdict" < "$fifo" &
+            watch_pid=$!
+        else
+            "${FP_SRUN[@]}" &
+            FP_STEP_PID=$!
+        fi
         if (( FP_WARNED )); then kill -USR1 "$FP_STEP_PID" 2>/dev/null || true; fi  # came just now
         fp_wait "$FP_STEP_PID" || rc=$?
+        if [[ -n "$watch_pid" ]]; then
+            fp_wait "$watch_pid" || true
+            rm -f "$fifo"
+            if [[ -s "$verdict" ]]; then
+                echo "forgepipe: $(cat "$verdict")" >&2
+                (( rc != 0 )) || rc=1
+                FP_WARNED=0  # a network failure, not a walltime stop: no resubmission
+                rm -f "$verdict"
+                trap - USR1
+                return "$rc"
+            fi
+            rm -f "$verdict"
+        fi
     fi
     trap - USR1
     # After the warning any failure counts as a stop: srun's status is the highest of its tasks',
@@ -351,6 +440,70 @@ fp_launch() {
         rc=$FORGEPIPE_EXIT_REQUEUE  # the job's own status: stopped, to be continued
     fi
     return "$rc"
+}
+
+# --- RCCL's libfabric plugin: loaded, or the job stops with the cause -----------------------------
+# On a multi-node GPU job NCCL_NET=OFI makes RCCL fail rather than fall back to TCP sockets when the
+# plugin does not load, but some failures hang instead (a libfabric without the CXI provider, a
+# stuck provider start). env.sh turns on RCCL's INIT and NET lines (NCCL_DEBUG=INFO) and
+# fp_ofi_watch reads them as they come: these lines decide (any rank's):
+#   "NET/Plugin: Loaded net plugin ..."             the plugin library loaded (by name, not yet used)
+#   "NET/OFI Selected provider is cxi ..."          aws-ofi-nccl found Slingshot's CXI provider
+#   "Using network OFI"                             RCCL uses the plugin: the proof, printed once
+#   "Error: network OFI not found", "Failed to initialize any NET plugin",
+#   "Using network <other>", a provider other than FORGEPIPE_OFI_PROVIDER, or no "Using network"
+#   line FORGEPIPE_OFI_TIMEOUT seconds after RCCL's first line: the step is stopped, and the cause
+#   (with the last plugin or libfabric complaint seen, e.g. "NET/Plugin: Could not find: ...") is
+#   written to VERDICT_FILE for fp_launch to report.
+fp_ofi_watch_wanted() {
+    [[ "$FORGEPIPE_SITE" == frontier && "$FORGEPIPE_DEVICE" == gpu && "${NCCL_NET:-}" == OFI && "$FORGEPIPE_OFI_CHECK" == 1 ]]
+}
+
+fp_ofi_watch() {  # fp_ofi_watch STEP_PID VERDICT_FILE < srun's output
+    local step="$1" verdict="$2" line="" partial="" rc first=-1 state=watching hint="" cause="" provider
+    while :; do
+        rc=0
+        IFS= read -r -t 5 line || rc=$?
+        if (( rc > 128 )); then  # no complete line for 5 s
+            partial+="$line"
+            line=""
+        elif (( rc != 0 )); then  # end of output
+            [[ -n "$partial$line" ]] && printf '%s\n' "$partial$line"
+            break
+        else
+            line="$partial$line"
+            partial=""
+            printf '%s\n' "$line"
+        fi
+        if [[ "$state" == watching ]]; then
+            if [[ "$line" == *"NCCL INFO"* || "$line" == *"NCCL WARN"* ]] && (( first < 0 )); then first=$SECONDS; fi
+            case "$line" in
+                *"NET/Plugin"*"Could not find"* | *"NET/Plugin"*"load returned"* | *"NET/Plugin"*"Failed to find ncclNetPlugin"* | *"NET/OFI"*WARN* | *WARN*"NET/OFI"*)
+                    hint="${line##*NCCL }" ;;
+            esac
+            if [[ "$line" == *"Using network OFI"* ]]; then
+                state=ok
+                echo "forgepipe: RCCL is using its libfabric (OFI) plugin: ${line##*NCCL INFO }"
+            elif [[ "$line" =~ [Ss]elected\ [Pp]rovider\ is\ ([A-Za-z0-9_\;]+) ]]; then
+                provider="${BASH_REMATCH[1]}"
+                if [[ "$provider" != "$FORGEPIPE_OFI_PROVIDER" ]]; then
+                    cause="libfabric gave RCCL's plugin the '$provider' provider, not '$FORGEPIPE_OFI_PROVIDER': the host's Cray libfabric is not first on the container's library path (FORGEPIPE_LIBFABRIC_DIR='$FORGEPIPE_LIBFABRIC_DIR')"
+                fi
+            elif [[ "$line" == *"Error: network OFI not found"* || "$line" == *"Failed to initialize any NET plugin"* ]]; then
+                cause="RCCL's libfabric (OFI) network plugin did not load or start (NCCL_NET_PLUGIN=$FORGEPIPE_NCCL_NET_PLUGIN in the container; host libfabric '$FORGEPIPE_LIBFABRIC_DIR')"
+            elif [[ "$line" =~ Using\ network\ ([A-Za-z0-9_]+) ]]; then
+                cause="RCCL is using the '${BASH_REMATCH[1]}' network, not its libfabric (OFI) plugin"
+            elif (( first >= 0 && SECONDS - first >= FORGEPIPE_OFI_TIMEOUT )); then
+                cause="RCCL started ${FORGEPIPE_OFI_TIMEOUT}s ago and has not chosen a network: the libfabric plugin is stuck (FORGEPIPE_OFI_TIMEOUT)"
+            fi
+            if [[ -n "$cause" ]]; then
+                state=failed
+                echo "multi-node run stopped: $cause${hint:+; last plugin message: $hint}. See README 'First run on Frontier'." > "$verdict"
+                kill -TERM "$step" 2>/dev/null || true
+            fi
+        fi
+    done
+    return 0
 }
 
 fp_newer_than() {  # fp_newer_than EPOCH FILE...: was any of the files written at or after EPOCH?

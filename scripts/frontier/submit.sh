@@ -42,6 +42,17 @@ echo "# submit:"
 fp_print_cmd "${sbatch_cmd[@]}"
 echo "# run in the job:"
 fp_print_cmd "${FP_SRUN[@]}"
+if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
+    echo "# container binds (host paths, bound as given):"
+    for bind in "${FP_BINDS[@]}"; do echo "#   $bind"; done
+    for dir in "${FP_MKDIRS[@]}"; do echo "# created by the job before srun: $dir"; done
+    if [[ -n "${APPTAINERENV_LD_LIBRARY_PATH:-}" ]]; then
+        echo "# container library path: ${APPTAINERENV_LD_LIBRARY_PATH} (the image's own after the host libfabric)"
+    fi
+    if fp_ofi_watch_wanted; then
+        echo "# RCCL's OFI plugin is checked: NCCL_DEBUG=$NCCL_DEBUG NCCL_DEBUG_SUBSYS=$NCCL_DEBUG_SUBSYS, stop after ${FORGEPIPE_OFI_TIMEOUT}s without 'Using network OFI'"
+    fi
+fi
 
 # The config forgepipe will resolve, for the job's world (rank 0 of NODES x GPUS_PER_NODE ranks).
 # `config show` takes one stage: the pipeline shows its first (sft); PPO's actor is its --model.
