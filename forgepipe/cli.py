@@ -209,9 +209,9 @@ def preflight(check: Callable[[], None]) -> None:
 def catch_stop_signals() -> None:
     """From the start of a stage command: Slurm's walltime warning (SIGUSR1/SIGTERM) asks for a
     checkpoint at the next step boundary instead of killing the process mid-start-up."""
-    from forgepipe.loop import STOP
+    from forgepipe.signals import catch_early
 
-    STOP.install()
+    catch_early()  # forgepipe.loop (and its StopRequest) imports torch and transformers: seconds
 
 
 def make_config(stage: str, config_file: str | None, overrides: dict[str, Any]) -> Config:

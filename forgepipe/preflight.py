@@ -92,6 +92,67 @@ def check_output_dir(cfg: Config) -> None:
             )
 
 
+# On resume, a changed option is either honoured or refused. Honoured: the LR schedule's inputs
+# (recomputed from the checkpoint's step), when to log/evaluate/save, and settings that change
+# speed or memory but not the numbers. Everything else, compared on the flattened config, is
+# refused (fingerprints add the resolved model paths and the world size).
+HONOURED_ON_RESUME = {
+    "train.lr", "train.max_steps", "train.epochs", "train.warmup_ratio", "train.min_lr_ratio", "ppo.critic_lr",
+    "train.log_every", "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_last",
+    "train.peak_tflops", "data.eval_max_samples", "data.max_dropped_fraction", "model.gradient_checkpointing",
+    "ppo.critic_gradient_checkpointing", "tracking.log_checkpoints", "deepspeed.flops_profiler",
+    "deepspeed.profile_step", "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters",
+    "deepspeed.prefetch_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.reduce_bucket_size",
+    "deepspeed.overlap_comm", "deepspeed.contiguous_gradients",
+}
+# Not part of what was trained: never compared.
+NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",
+                "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources"}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(honoured, refused) changes between two flattened configs: key -> (old, new)."""
+    honoured, refused = {}, {}
+    for key in sorted(set(old) | set(new)):
+        if key in NOT_COMPARED or old.get(key) == new.get(key):
+            continue
+        (honoured if key in HONOURED_ON_RESUME else refused)[key] = (old.get(key), new.get(key))
+    return honoured, refused
+
+
+def option_name(key: str) -> str:
+    from forgepipe.cli import LABELS
+
+    return LABELS.get(key, key)
+
+
+def check_resume_config(cfg: Config) -> None:
+    """A changed option that cannot be honoured on resume is refused here already (StageRun.begin
+    checks again, with the resolved model paths and the world size)."""
+    if cfg.overwrite or cfg.train.resume == "never":
+        return
+    if cfg.train.resume == "auto":
+        root = Path(cfg.output_dir) / CHECKPOINT_DIR
+        try:
+            checkpoint = root / json.loads((root / "latest").read_text())["tag"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no marker, or an unreadable one: the stage finds what to resume from, and says so
+    else:
+        checkpoint = Path(cfg.train.resume)
+    try:
+        before = json.loads((checkpoint / LOOP_STATE).read_text()).get("fingerprint", {}).get("config")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not before:
+        return
+    _, refused = config_changes(before, cfg.flat())
+    if refused:
+        key, (old, new) = next(iter(refused.items()))
+        raise ForgeError(f"--resume: {option_name(key)} cannot change on resume ({checkpoint} was written with "
+                         f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite")
+
+
+
 # ---------------------------------------------------------------------------
 # Tracking store
 
@@ -368,6 +429,7 @@ def check_data(cfg: Config, required: bool = True) -> None:
 def check_run(cfg: Config) -> None:
     """Everything above, for a stage about to start."""
     check_output_dir(cfg)
+    check_resume_config(cfg)
     check_tracking(cfg.tracking.uri)
     check_models(cfg)
     check_data(cfg)
@@ -377,6 +439,7 @@ def check_shown(cfg: Config) -> None:
     """`forgepipe config show`: the same checks for whatever the command line names."""
     if cfg.output_dir:
         check_output_dir(cfg)
+        check_resume_config(cfg)
     check_tracking(cfg.tracking.uri)
     if cfg.model.name_or_path and (cfg.stage != "ppo" or cfg.ppo.reward_model):
         check_models(cfg)

@@ -22,50 +22,13 @@ from forgepipe.deepspeed_config import PROFILE_FILE, validate_launch
 from forgepipe.engine import initialize, zero3_loading
 from forgepipe.errors import ForgeError
 from forgepipe.loop import STOP, LoopSettings, LoopState, Preempted, StopRequest
-from forgepipe.preflight import check_output_dir, earlier_run
+from forgepipe.preflight import check_output_dir, config_changes, earlier_run, option_name
 from forgepipe.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "forgepipe-run.json"  # what a stage leaves for the next one (and for resuming)
 MODEL_SUBDIR = "model"
-
-# On resume, a changed option is either honoured or refused. Honoured: the LR schedule's inputs
-# (recomputed from the checkpoint's step), when to log/evaluate/save, and settings that change
-# speed or memory but not the numbers. Everything else, compared on the flattened config, is
-# refused (fingerprints add the resolved model paths and the world size).
-HONOURED_ON_RESUME = {
-    "train.lr", "train.max_steps", "train.epochs", "train.warmup_ratio", "train.min_lr_ratio", "ppo.critic_lr",
-    "train.log_every", "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_last",
-    "train.peak_tflops", "data.eval_max_samples", "data.max_dropped_fraction", "model.gradient_checkpointing",
-    "ppo.critic_gradient_checkpointing", "tracking.log_checkpoints", "deepspeed.flops_profiler",
-    "deepspeed.profile_step", "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters",
-    "deepspeed.prefetch_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.reduce_bucket_size",
-    "deepspeed.overlap_comm", "deepspeed.contiguous_gradients",
-}
-# Not part of what was trained: never compared.
-NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",
-                "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources"}
-
-
-class StartupStop(Preempted):
-    """A stop signal before training started: nothing to checkpoint, the run stops at once."""
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """(honoured, refused) changes between two flattened configs: key -> (old, new)."""
-    honoured, refused = {}, {}
-    for key in sorted(set(old) | set(new)):
-        if key in NOT_COMPARED or old.get(key) == new.get(key):
-            continue
-        (honoured if key in HONOURED_ON_RESUME else refused)[key] = (old.get(key), new.get(key))
-    return honoured, refused
-
-
-def option_name(key: str) -> str:
-    from forgepipe.cli import LABELS
-
-    return LABELS.get(key, key)
 
 
 def resolve_stage_output(path: str) -> str:
@@ -83,6 +46,10 @@ def loop_settings(cfg: Config) -> LoopSettings:
         seed=t.seed, log_every=t.log_every, eval_every=t.eval_every, save_every=t.save_every,
         save_every_minutes=t.save_every_minutes, keep_last=t.keep_last, peak_tflops=t.peak_tflops,
     )
+
+
+class StartupStop(Preempted):
+    """A stop signal before training started: nothing to checkpoint, the run stops at once."""
 
 
 @dataclass
@@ -125,6 +92,10 @@ class StageRun:
     def _startup_signals(self) -> None:
         """Until the loop starts (StageRun.resume), a stop signal stops at once: tokenizing or
         loading models can take many minutes, and there is nothing to checkpoint yet."""
+        from forgepipe import signals
+
+        if signals.received is not None and self.stop.signal is None:
+            self.stop.signal = signals.received
         if self.stop.signal is not None:  # arrived while the command line was read
             raise StartupStop(f"stopped by signal {self.stop.signal} during start-up, before training")
 
