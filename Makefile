@@ -34,7 +34,7 @@ demo: install ## Fine-tune a tiny GPT-NeoX on the bundled sample (CPU), logging 
 
 SIF ?= forge.sif
 DOCKER_TAG ?= forgepipe:rocm
-SHELL_SCRIPTS := $(wildcard scripts/frontier/*.sh scripts/frontier/*.sbatch scripts/ci/*.sh) containers/build-args.sh .ci/run
+SHELL_SCRIPTS := $(wildcard bench/*.sh scripts/frontier/*.sh scripts/frontier/*.sbatch scripts/ci/*.sh) containers/build-args.sh .ci/run
 
 .PHONY: lint
 lint: install ## ruff, shellcheck on every script, hadolint on the Dockerfile
