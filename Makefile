@@ -33,20 +33,24 @@ demo: install ## Fine-tune a tiny GPT-NeoX on the bundled sample (CPU), logging 
 	  --torch-adam --per-device-batch-size 8 --lr 1e-3 --epochs 3 --max-seq-len 256 --eval-every 10 --run-name demo-sft
 
 SIF ?= forge.sif
-DOCKER_TAG ?= forgepipe:rocm
-SHELL_SCRIPTS := $(wildcard bench/*.sh scripts/frontier/*.sh scripts/frontier/*.sbatch scripts/ci/*.sh) containers/build-args.sh .ci/run
+GPU ?= amd
+DOCKERFILE := containers/Dockerfile.$(if $(filter nvidia,$(GPU)),cuda,rocm)
+DOCKER_TAG ?= forgepipe:$(if $(filter nvidia,$(GPU)),cuda,rocm)
+SHELL_SCRIPTS := $(wildcard bench/*.sh scripts/frontier/*.sh scripts/frontier/*.sbatch scripts/ci/*.sh scripts/local/*.sh containers/*.sh) containers/march-cc .ci/run
 
 .PHONY: lint
 lint: install ## ruff, shellcheck on every script, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check forgepipe tests bench
 	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
-	$(VENV)/bin/hadolint containers/Dockerfile.rocm
+	$(VENV)/bin/hadolint containers/Dockerfile.rocm containers/Dockerfile.cuda
 
-.PHONY: sif docker frontier-sft frontier-reward frontier-ppo frontier-pipeline slurm-up slurm-down
-sif: ## Build the Apptainer image $(SIF) (Apptainer >= 1.2, registry access)
-	apptainer build $$(containers/build-args.sh) $(SIF) containers/Apptainer.def
-docker: ## Build the ROCm Docker image $(DOCKER_TAG)
-	docker build $$(containers/build-args.sh) -f containers/Dockerfile.rocm -t $(DOCKER_TAG) .
+.PHONY: sif docker docker-run frontier-sft frontier-reward frontier-ppo frontier-pipeline slurm-up slurm-down
+sif: ## Build the Apptainer image $(SIF) (Apptainer >= 1.2, registry access; stops while a base digest is unpinned)
+	args="$$(containers/build-args.sh --recipe containers/Apptainer.def)" && apptainer build $$args $(SIF) containers/Apptainer.def
+docker: ## Build the Docker image $(DOCKER_TAG) (GPU=amd: ROCm, GPU=nvidia: CUDA)
+	args="$$(containers/build-args.sh --recipe $(DOCKERFILE))" && docker build $$args -f $(DOCKERFILE) -t $(DOCKER_TAG) .
+docker-run: ## Run a stage in Docker on this machine's GPUs (STAGE=sft ARGS="--model ..." GPU=amd|nvidia; DRY_RUN=1 prints)
+	scripts/local/run.sh --gpu $(GPU) --image $(DOCKER_TAG) $(if $(DRY_RUN),--dry-run) $(STAGE) $(ARGS)
 frontier-sft: ## Submit SFT on Frontier (ACCOUNT, IMAGE, MODEL, DATA, OUTPUT_DIR from env; ARGS=...; DRY_RUN=1 previews)
 	scripts/frontier/submit.sh sft $(if $(DRY_RUN),--dry-run) $(ARGS)
 frontier-reward: ## Submit the reward-model stage on Frontier (as frontier-sft)

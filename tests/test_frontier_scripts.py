@@ -24,7 +24,9 @@ SCRIPTS = sorted(
         *ROOT.glob("scripts/frontier/*.sh"),
         *ROOT.glob("scripts/frontier/*.sbatch"),
         *ROOT.glob("scripts/ci/*.sh"),
-        ROOT / "containers" / "build-args.sh",
+        *ROOT.glob("scripts/local/*.sh"),
+        *ROOT.glob("containers/*.sh"),
+        ROOT / "containers" / "march-cc",
     ]
 )
 SUBMIT = ROOT / "scripts" / "frontier" / "submit.sh"
@@ -96,18 +98,23 @@ def full_settings(image, tmp_path):
 
 
 def test_shellcheck_every_script():
-    assert len(SCRIPTS) >= 9
+    assert len(SCRIPTS) >= 12
+    # `make lint` checks the same files.
+    makefile = (ROOT / "Makefile").read_text()
+    for script in SCRIPTS:
+        rel = script.relative_to(ROOT)
+        assert str(rel) in makefile or f"{rel.parent}/*{script.suffix}" in makefile, rel
     out = subprocess.run(
         [tool("shellcheck"), "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=ROOT
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_hadolint_dockerfile():
-    out = subprocess.run(
-        [tool("hadolint"), "containers/Dockerfile.rocm"], capture_output=True, text=True, cwd=ROOT
-    )
+@pytest.mark.parametrize("dockerfile", ["containers/Dockerfile.rocm", "containers/Dockerfile.cuda"])
+def test_hadolint_dockerfile(dockerfile):
+    out = subprocess.run([tool("hadolint"), dockerfile], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert dockerfile in (ROOT / "Makefile").read_text()  # and `make lint` runs it
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Run a forgepipe stage in the project's image with Docker on a workstation: the same image recipe
+# pins, the same environment file (scripts/frontier/env.sh, FORGEPIPE_SITE=local) and the same bind
+# rules as the Frontier jobs, on the local AMD or NVIDIA GPUs.
+#
+#   scripts/local/run.sh [--gpu amd|nvidia|none] [--gpus N] [--image TAG] [--dry-run] STAGE [forgepipe options...]
+#
+# STAGE: sft | reward | ppo | pipeline; the options go to `forgepipe STAGE` unchanged, e.g.
+#   scripts/local/run.sh sft --model forge-s --data data/pairs.jsonl --output-dir runs/sft
+# --gpu: amd (default; /dev/kfd, /dev/dri, video/render groups; image forgepipe:rocm), nvidia
+#   (--gpus all; image forgepipe:cuda, built from containers/Dockerfile.cuda), none (CPU).
+# --gpus N: ranks, one per GPU (default: the GPUs found, else 1). N > 1 starts them with torchrun in
+#   the container; forgepipe reads its ranks from torchrun's variables, as it reads srun's on Frontier.
+# --image: the image (default forgepipe:rocm or forgepipe:cuda; FORGEPIPE_DOCKER_IMAGE).
+# --dry-run: print the docker command and create nothing.
+# Settings: FORGEPIPE_BINDS (more host dirs, comma-separated), FORGEPIPE_MODEL_ROOT and
+# FORGEPIPE_CATALOG (catalog models, bound and passed), FORGEPIPE_SHM_SIZE (16g), DOCKER (docker).
+set -euo pipefail
+
+usage() { sed -n '2,19s/^# \{0,1\}//p' "$0"; }
+
+gpu="${FORGEPIPE_GPU:-amd}"
+gpus="${FORGEPIPE_LOCAL_GPUS:-}"
+image="${FORGEPIPE_DOCKER_IMAGE:-}"
+dry_run=0
+while (( $# )); do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --gpu) gpu="${2:?--gpu needs amd, nvidia or none}"; shift 2 ;;
+        --gpu=*) gpu="${1#*=}"; shift ;;
+        --gpus) gpus="${2:?--gpus needs a number}"; shift 2 ;;
+        --gpus=*) gpus="${1#*=}"; shift ;;
+        --image) image="${2:?--image needs a tag}"; shift 2 ;;
+        --image=*) image="${1#*=}"; shift ;;
+        --dry-run) dry_run=1; shift ;;
+        -*) echo "run.sh: unknown option $1 (before the stage; forgepipe's options go after it)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+stage="$1"
+shift
+case "$stage" in sft | reward | ppo | pipeline) ;; *) echo "run.sh: unknown stage '$stage' (sft, reward, ppo or pipeline)" >&2; exit 2 ;; esac
+case "$gpu" in
+    amd) : "${image:=forgepipe:rocm}" ;;
+    nvidia) : "${image:=forgepipe:cuda}" ;;
+    none) : "${image:=forgepipe:rocm}" ;;
+    *) echo "run.sh: --gpu '$gpu' is not amd, nvidia or none" >&2; exit 2 ;;
+esac
+
+# The shared environment file and bind rules.
+export FORGEPIPE_SITE=local FORGEPIPE_LAUNCHER=docker
+FORGEPIPE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export FORGEPIPE_ROOT
+# shellcheck source=scripts/frontier/launch.sh
+. "$FORGEPIPE_ROOT/scripts/frontier/launch.sh"
+
+count_gpus() {
+    case "$gpu" in
+        nvidia) if command -v nvidia-smi >/dev/null; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; fi ;;
+        amd) if [[ -d /sys/class/kfd/kfd/topology/nodes ]]; then
+                 grep -l '^simd_count [1-9]' /sys/class/kfd/kfd/topology/nodes/*/properties 2>/dev/null | wc -l
+             fi ;;
+    esac
+}
+if [[ -z "$gpus" ]]; then
+    gpus="$(count_gpus)"
+    [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || gpus=1
+fi
+[[ "$gpus" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --gpus '$gpus' is not a positive number" >&2; exit 2; }
+
+docker="${DOCKER:-docker}"
+cmd=("$docker" run --rm --init --ipc=host "--shm-size=${FORGEPIPE_SHM_SIZE:-16g}")
+case "$gpu" in
+    amd)
+        cmd+=(--device=/dev/kfd --device=/dev/dri --group-add video)
+        # /dev/dri/renderD* belong to `render` on newer distributions; by number, which the image may not know.
+        if render_gid="$(getent group render 2>/dev/null | cut -d: -f3)" && [[ -n "$render_gid" ]]; then
+            cmd+=(--group-add "$render_gid")
+        fi ;;
+    nvidia) cmd+=(--gpus all) ;;
+esac
+# Files the stage writes belong to the user, not root; HOME is then a writable scratch directory.
+cmd+=(--user "$(id -u):$(id -g)" -e "HOME=$FORGEPIPE_NODE_TMP/home")
+
+# The environment file's settings, by value so that the printed command can be pasted.
+for var in $FORGEPIPE_CONTAINER_ENV; do cmd+=(-e "$var=${!var}"); done
+# What the MLflow run records: the image (tag and, when Docker knows it, its id) and the GPU kind.
+image_id=""
+if (( ! dry_run )) && command -v "$docker" >/dev/null; then
+    image_id="$("$docker" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
+fi
+cmd+=(-e "FORGEPIPE_IMAGE=$image${image_id:+@$image_id}" -e "FORGEPIPE_GPU_KIND=$gpu")
+
+# Binds: the working directory (relative paths work as given), the Hugging Face cache, and every
+# directory the stage reads or writes, at the same path inside as outside.
+fp_binds "$@"
+binds=("$(fp_path "$PWD")" "$HF_HOME" "${FP_BINDS[@]}")
+mkdirs=("$HF_HOME" "${FP_MKDIRS[@]}")
+seen=","
+for dir in "${binds[@]}"; do
+    [[ "$seen" == *",$dir,"* ]] && continue
+    seen+="$dir,"
+    cmd+=(-v "$dir:$dir")
+done
+cmd+=(-w "$(fp_path "$PWD")")
+
+# One rank per GPU: torchrun in the container, forgepipe reads RANK/LOCAL_RANK/WORLD_SIZE.
+if (( gpus > 1 )); then
+    cmd+=(--entrypoint torchrun "$image" --standalone --nproc_per_node "$gpus" --no-python forgepipe "$stage" "$@")
+else
+    cmd+=("$image" "$stage" "$@")
+fi
+
+if (( dry_run )); then
+    fp_print_cmd "${cmd[@]}"
+    for dir in "${mkdirs[@]}"; do [[ -d "$dir" ]] || echo "# created before the run: $dir"; done
+    exit 0
+fi
+mkdir -p "${mkdirs[@]}"
+exec "${cmd[@]}"
