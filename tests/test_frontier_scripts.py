@@ -512,6 +512,7 @@ def job_binds(tmp_path, image):
     (bindir / "srun").write_text(
         f'#!/bin/bash\necho "srun $*" >> "{log}"\n'
         f'for d in "$OUTPUT_DIR" "{tmp_path}/fresh/mlruns"; do [[ -d "$d" ]] && echo "exists $d" >> "{log}"; done\n'
+        f'echo "image $APPTAINERENV_FORGEPIPE_IMAGE hf $APPTAINERENV_HF_HOME" >> "{log}"\n'
         'exit 0\n'
     )
     (bindir / "srun").chmod(0o755)
@@ -534,6 +535,8 @@ def test_the_job_creates_what_the_stage_writes_before_apptainer_binds_it(job_bin
     assert f"exists {tmp_path}/fresh/out" in text and f"exists {tmp_path}/fresh/mlruns" in text
     srun = text.splitlines()[0]
     assert f"{tmp_path}/fresh/out" in binds_of(srun) and f"{tmp_path}/fresh/mlruns" in binds_of(srun)
+    # The run records the image as named, and gets the job's own cache directories.
+    assert f"image {settings['IMAGE']} hf /tmp/forgepipe-tester-5151/hf" in text
 
 
 def source_env(extra: dict[str, str]) -> dict[str, str]:

@@ -210,6 +210,9 @@ fp_srun_cmd() {
         fi
     fi
     if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
+        # The image as the user named it (APPTAINER_CONTAINER is the NVMe copy when staged), for
+        # the run's record (forgepipe/tracking.py keeps FORGEPIPE_* variables in environment.json).
+        export APPTAINERENV_FORGEPIPE_IMAGE="${APPTAINERENV_FORGEPIPE_IMAGE:-$(fp_path "${IMAGE:-$image}")}"
         FP_SRUN+=(apptainer exec)
         [[ "$FORGEPIPE_DEVICE" == gpu ]] && FP_SRUN+=(--rocm)
         fp_binds "${FP_MODEL_ARGS[@]}" "${FP_COMMON_ARGS[@]}"
