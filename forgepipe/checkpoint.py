@@ -42,6 +42,7 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST_MARKER = "latest"
 LOOP_STATE = "loop_state.json"
 PARTIAL_PREFIX = ".partial-"
+RUN_FILE = "forgepipe-run.json"  # a finished stage's record (stages/common.py)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -212,6 +213,7 @@ def find_latest(output_dir: str | Path) -> Path | None:
         return None
     marker = root / LATEST_MARKER
     skipped: list[str] = []
+    run_id = None  # whose checkpoints to fall back to: the marked one's run, else the finished run's
     if marker.is_file():
         try:
             tag = json.loads(marker.read_text())["tag"]
@@ -219,12 +221,20 @@ def find_latest(output_dir: str | Path) -> Path | None:
             if problem is None:
                 return root / tag
             skipped.append(problem)
+            run_id = (_read_state(root / tag) or {}).get("run_id")
         except (OSError, ValueError, KeyError, TypeError):
             skipped.append(f"{marker} is unreadable")
+    if run_id is None:
+        try:
+            run_id = json.loads((Path(output_dir) / RUN_FILE).read_text()).get("mlflow_run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
     candidates = sorted(
         ((_step_of(p), p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX)),
         key=lambda sp: (sp[0], sp[1].name), reverse=True,
     )
+    if run_id is not None and any((_read_state(p) or {}).get("run_id") == run_id for _, p in candidates):
+        candidates = [(s, p) for s, p in candidates if (_read_state(p) or {}).get("run_id") == run_id]
     for _, path in candidates:
         problem = verify_checkpoint(path)
         if problem is None:

@@ -184,9 +184,11 @@ def run_stage(fn: Callable[[], Any]) -> Any:
     try:
         result = fn()
     except ForgeError as exc:
+        close_progress_bars()
         click.echo(f"forgepipe: error: {exc}", err=True)
         sys.exit(2)
     except Preempted as exc:
+        close_progress_bars()
         done = "nothing to checkpoint yet" if "during start-up" in str(exc) else "checkpoint written"
         click.echo(f"forgepipe: {exc}; {done}, resubmit to continue", err=True)
         sys.exit(EXIT_PREEMPTED)
@@ -195,6 +197,14 @@ def run_stage(fn: Callable[[], Any]) -> Any:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     return result
+
+
+def close_progress_bars() -> None:
+    """End an open tqdm bar's line, so that the message after it starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def preflight(check: Callable[[], None]) -> None:

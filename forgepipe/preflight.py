@@ -107,6 +107,7 @@ HONOURED_ON_RESUME = {
 }
 # Not part of what was trained: never compared.
 NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",
+                "tracking.uri", "tracking.experiment",  # a moved store is fine; the run must be in it (tracking.py)
                 "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources"}
 
 

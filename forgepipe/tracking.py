@@ -147,7 +147,15 @@ class Tracker:
             client = MlflowClient(tracking_uri=uri)
             tracker.client = client
             if run_id:
-                tracker.reopened_status = client.get_run(run_id).info.status
+                from mlflow.exceptions import MlflowException
+
+                try:
+                    tracker.reopened_status = client.get_run(run_id).info.status
+                except MlflowException:
+                    from forgepipe.errors import ForgeError
+
+                    raise ForgeError(f"--tracking-uri: the run being resumed ({run_id}) is not in {uri}; "
+                                     "give the store it was started in") from None
                 client.update_run(run_id, status="RUNNING")
                 tracker.run_id = run_id
                 tracker.skip_through_step = tracker.last_logged_step()
