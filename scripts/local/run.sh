@@ -80,8 +80,8 @@ case "$gpu" in
         fi ;;
     nvidia) cmd+=(--gpus all) ;;
 esac
-# Files the stage writes belong to the user, not root; HOME is then a writable scratch directory.
-cmd+=(--user "$(id -u):$(id -g)" -e "HOME=$FORGEPIPE_NODE_TMP/home")
+# Files the stage writes belong to the user, not root; HOME is then the container's writable /tmp.
+cmd+=(--user "$(id -u):$(id -g)" -e HOME=/tmp)
 
 # The environment file's settings, by value so that the printed command can be pasted.
 for var in $FORGEPIPE_CONTAINER_ENV; do cmd+=(-e "$var=${!var}"); done
