@@ -400,3 +400,57 @@ def test_a_failed_op_build_or_check_fails_the_image_build(build_host, extra, wha
     if what == "pip":
         assert "check " not in record  # nothing after a failed install
     assert "gfx1100" in (rocm / "bin" / "rocminfo").read_text()  # restored even so
+
+
+def test_march_wrapper_makes_the_real_compiler_target_zen3(tmp_path):
+    """Through march-cc, gcc given DeepSpeed's -march=native -D__AVX512__ compiles for Zen 3: AVX2,
+    no AVX-512, whatever this machine's CPU is."""
+    gcc = Path("/usr/bin/gcc")
+    if not gcc.exists():
+        pytest.skip("no gcc here")
+    wrapper = tmp_path / "gcc"
+    wrapper.write_bytes((CONTAINERS / "march-cc").read_bytes())
+    wrapper.chmod(0o755)
+    src = tmp_path / "probe.c"
+    src.write_text(
+        "#ifndef __znver3__\n#error not built for znver3\n#endif\n"
+        "#ifndef __AVX2__\n#error no AVX2\n#endif\n"
+        "#if defined(__AVX512F__) || defined(__AVX512__)\n#error AVX-512 code for a Zen 3 CPU\n#endif\n"
+        "int probe(void) { return 0; }\n"
+    )
+    out = subprocess.run(
+        [str(wrapper), "-O3", "-march=native", "-D__AVX512__", "-c", str(src), "-o", str(tmp_path / "probe.o")],
+        env={"PATH": "/usr/bin:/bin", "CPU_MARCH": "znver3", "FORGEPIPE_REAL_CC_DIR": "/usr/bin"},
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    # Without the wrapper the same flags do not give a Zen 3 build (unless this machine is one).
+    native = subprocess.run([str(gcc), "-march=native", "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True, text=True)
+    if "__znver3__" not in native.stdout:
+        bare = subprocess.run([str(gcc), "-march=native", "-c", str(src), "-o", str(tmp_path / "bare.o")],
+                              capture_output=True, text=True)
+        assert bare.returncode != 0
+
+
+def test_deepspeeds_own_op_builder_reads_the_target_gpu_from_the_rocminfo_stand_in(build_host, tmp_path):
+    """DeepSpeed 0.19's OpBuilder (the real one, from this environment) asks rocminfo for the GPU
+    architecture and the wavefront size; during build-ds-ops.sh it gets gfx90a and 64."""
+    pytest.importorskip("deepspeed")
+    run, _ = build_host
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from deepspeed.ops.op_builder.builder import OpBuilder\n"
+        "print('DS', OpBuilder.get_rocm_gpu_arch(), OpBuilder.get_rocm_wavefront_size())\n"
+    )
+    if Path("/opt/rocm/bin/rocminfo").exists():
+        pytest.skip("a real /opt/rocm here takes precedence in DeepSpeed's lookup")
+    fake_python = tmp_path / "bin" / "python"
+    fake_python.write_text(
+        fake_python.read_text().replace(
+            'if [[ "$1" == -m ]]; then\n',
+            f'if [[ "$1" == -m ]]; then\n  "{sys.executable}" "{probe}" >> "{tmp_path / "record"}" 2>/dev/null\n',
+        )
+    )
+    out, record = run("rocm")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^DS gfx90a 64$", record, flags=re.M), record
