@@ -48,6 +48,12 @@ export NODES
 : "${FORGEPIPE_NVME_DIR:=/mnt/bb/${USER:-$(id -un)}}"
 export FORGEPIPE_STAGE_IMAGE FORGEPIPE_NVME_DIR
 
+# RCCL's libfabric plugin check on multi-node jobs (see below and launch.sh).
+: "${FORGEPIPE_OFI_CHECK:=1}"
+: "${FORGEPIPE_OFI_TIMEOUT:=300}"
+: "${FORGEPIPE_OFI_PROVIDER:=cxi}"
+export FORGEPIPE_OFI_CHECK FORGEPIPE_OFI_TIMEOUT FORGEPIPE_OFI_PROVIDER
+
 if [[ "$FORGEPIPE_SITE" == frontier ]]; then
 # --- RCCL over Slingshot ------------------------------------------------------------------------
 # The libfabric plugin only initialises on multi-node jobs (the network is not set up for one
@@ -61,10 +67,6 @@ fi
 # FORGEPIPE_OFI_CHECK=0 turns this off; FORGEPIPE_OFI_TIMEOUT (seconds from RCCL's first line to
 # its "Using network" line) bounds a silent start; FORGEPIPE_OFI_PROVIDER is the libfabric provider
 # the plugin must pick (cxi: Slingshot).
-: "${FORGEPIPE_OFI_CHECK:=1}"
-: "${FORGEPIPE_OFI_TIMEOUT:=300}"
-: "${FORGEPIPE_OFI_PROVIDER:=cxi}"
-export FORGEPIPE_OFI_CHECK FORGEPIPE_OFI_TIMEOUT FORGEPIPE_OFI_PROVIDER
 if [[ "$NCCL_NET" == OFI && "$FORGEPIPE_OFI_CHECK" == 1 ]]; then
     export NCCL_DEBUG="${NCCL_DEBUG:-INFO}"
     export NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
