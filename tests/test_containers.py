@@ -245,6 +245,8 @@ def test_image_checks_its_ops_runs_the_fast_tests_and_records_what_it_is(recipe)
         assert check > text.rindex("pip install") and tests < text.index("ENTRYPOINT")
     assert "PYTHONNOUSERSITE=1" in text and "FORGEPIPE_IMAGE_BUILD=" in text and "FORGEPIPE_GIT_COMMIT=" in text
     assert "base image torch" in text  # the base's torch is checked against TORCH_VERSION
+    if recipe.suffix != ".def":  # forgepipe/tracking.py tags FORGEPIPE_IMAGE as container_image (run.sh sets tag@id)
+        assert "FORGEPIPE_IMAGE=forgepipe-" in text
 
 
 @pytest.mark.parametrize("recipe", [DEF, DOCKERFILE], ids=RECIPE_IDS[:2])
