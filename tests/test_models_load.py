@@ -171,3 +171,15 @@ def test_merge_lora_matches_adapter_output_and_leaves_training_model(tiny):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_reward_export_loaded_as_a_causal_lm_is_refused_not_given_a_random_head(tiny_model, tmp_path):
+    from forgepipe.models.reward_model import load_scalar_model
+
+    tok = load_tokenizer(str(tiny_model))
+    load_scalar_model(str(tiny_model), dtype="fp32", tokenizer=tok).save_pretrained(tmp_path / "rm")
+    with pytest.raises(ForgeError) as info:
+        load_causal_lm(str(tmp_path / "rm"), dtype="fp32")
+    message = str(info.value)
+    assert message.startswith(f"model {tmp_path / 'rm'}: a reward model export") and "head" in message
+    assert "\n" not in message
