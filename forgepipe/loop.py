@@ -16,12 +16,11 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from forgepipe import distributed as dist
@@ -102,6 +101,11 @@ def memory_metrics() -> dict[str, float]:
     return out
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated host batch on the engine's device (asynchronous copies; the host keeps its batch)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def checkpoint_due(step: int, save_every: int, save_every_minutes: float, seconds_since_save: float) -> bool:
     """Every `save_every` steps and/or every `save_every_minutes` minutes (0 turns either off)."""
     by_steps = save_every > 0 and step % save_every == 0
@@ -115,9 +119,9 @@ def checkpoint_due(step: int, save_every: int, save_every_minutes: float, second
 
 @dataclass
 class LoopState:
-    step: int = 0  # optimizer steps done
+    step: int = 0  # steps done: optimizer steps (supervised) or PPO steps
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    position: int = 0  # units of `epoch` already consumed: micro-batches, or PPO experience batches
     samples_seen: int = 0
     tokens_seen: int = 0
     run_id: str | None = None
@@ -128,6 +132,9 @@ class LoopState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
+        data = dict(data)
+        if "micro_in_epoch" in data:  # checkpoints written before the driver named it `position`
+            data.setdefault("position", data.pop("micro_in_epoch"))
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -167,7 +174,7 @@ class Preempted(Exception):
 
 
 # ---------------------------------------------------------------------------
-# The loop
+# The step driver: what every stage's loop shares
 
 
 @dataclass
@@ -186,10 +193,105 @@ class LoopSettings:
     peak_tflops: float = 0.0  # gives perf/mfu
 
 
+def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]], run_unit: Callable[[Any], bool],
+          log: Callable[[int], dict[str, str]], evaluate: Callable[[int], None] | None,
+          checkpoint: Callable[[], None], settings: LoopSettings, stop: StopRequest | None,
+          world: World, desc: str) -> LoopState:
+    """Run units of work until `total` steps; every stage's loop is this one.
+
+    `units(epoch)` lists this rank's units of an epoch in order (micro-batches of sample indices, or
+    PPO experience batches of prompt indices); `run_unit(unit)` does one and says whether it ended a
+    step (an accumulation boundary; every PPO experience batch). The driver owns the position
+    (epoch, units consumed, steps), the log and eval cadence, the stop that all ranks agree on, and
+    when to checkpoint; `log(step)` returns the progress-bar postfix.
+    """
+    s = settings
+    progress = tqdm(total=total, initial=state.step, desc=desc, disable=not world.is_main, dynamic_ncols=True)
+    last_save = time.monotonic()
+    while state.step < total:
+        for unit in units(state.epoch)[state.position:]:
+            ended_step = run_unit(unit)
+            state.position += 1
+            if not ended_step:
+                continue
+            state.step += 1
+            progress.update(1)
+            if state.step % s.log_every == 0 or state.step == total:
+                progress.set_postfix(log(state.step))
+            if evaluate and s.eval_every and state.step % s.eval_every == 0 and state.step < total:
+                evaluate(state.step)
+            if state.step >= total:
+                break
+            stopping = stop is not None and stop.agreed()
+            if stopping or checkpoint_due(state.step, s.save_every, s.save_every_minutes,
+                                          time.monotonic() - last_save):
+                checkpoint()
+                last_save = time.monotonic()
+            if stopping:
+                progress.close()
+                raise Preempted(f"stopped by {stop.reason()} at step {state.step}")
+        else:
+            state.epoch += 1
+            state.position = 0
+            continue
+        break
+    progress.close()
+    if evaluate:
+        evaluate(state.step)
+    checkpoint()
+    return state
+
+
+# ---------------------------------------------------------------------------
+# The supervised loop (SFT, reward): micro-batches through one engine
+
+
 def total_steps(n_train: int, world_size: int, s: LoopSettings) -> int:
     per_epoch = micro_batches_per_rank(n_train, world_size, s.micro_batch, s.grad_accum) // s.grad_accum
     total = per_epoch * s.epochs
     return min(total, s.max_steps) if s.max_steps > 0 else total
+
+
+class MetricWindow:
+    """Sums over the micro-batches since the last log. Tensors stay on the device, so a step never
+    waits for the GPU; `reduce()` moves everything across ranks and to the host in one transfer."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.micro = self.samples = self.tokens = 0
+        self.started = time.monotonic()
+
+    def add(self, metrics: dict[str, Any], samples: int, tokens: int) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.micro += 1
+        self.samples += samples
+        self.tokens += tokens
+
+    def reduce(self) -> tuple[dict[str, float], float, float, float]:
+        """(mean of each metric per micro-batch, samples, tokens, seconds) over all ranks. Collective."""
+        keys = sorted(self.sums)
+        sums = dist.all_reduce_sum([self.micro, self.samples, self.tokens] + [self.sums[k] for k in keys])
+        elapsed = max(1e-9, time.monotonic() - self.started)  # after the sync above
+        micro, samples, tokens = sums[:3]
+        means = {k: v / max(micro, 1.0) for k, v in zip(keys, sums[3:], strict=True)}
+        self.reset()
+        return means, samples, tokens, elapsed
+
+
+def throughput(samples: float, tokens: float, elapsed: float, world_size: int, s: LoopSettings) -> dict[str, float]:
+    """Samples/s and real tokens/s over all ranks; model TFLOP/s per device and MFU when known."""
+    out = {"perf/samples_per_s": samples / elapsed, "perf/tokens_per_s": tokens / elapsed}
+    if s.flops_per_token:
+        out["perf/model_tflops_per_s"] = s.flops_per_token * tokens / elapsed / world_size / 1e12
+        if s.peak_tflops:
+            out["perf/mfu"] = out["perf/model_tflops_per_s"] / s.peak_tflops
+    return out
 
 
 def train_loop(
@@ -197,7 +299,7 @@ def train_loop(
     engine,
     train_data,
     collate: Callable[[list[dict]], dict[str, torch.Tensor]],
-    loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]],
     evaluate: Callable[[Any], dict[str, float]] | None,
     settings: LoopSettings,
     world: World,
@@ -207,7 +309,10 @@ def train_loop(
     stop: StopRequest | None = None,
     count_tokens: Callable[[dict[str, torch.Tensor]], int] = lambda b: int(b["attention_mask"].sum()),
 ) -> LoopState:
-    """Run (or continue) training until `total_steps`; returns the final state."""
+    """Run (or continue) supervised training until `total_steps`; returns the final state.
+
+    One unit is one micro-batch: collate on the host, count its real tokens there, copy to the
+    device, forward, backward, and let DeepSpeed step at the accumulation boundary."""
     s = settings
     steps_total = total_steps(len(train_data), world.world_size, s)
     if steps_total == 0:
@@ -218,90 +323,40 @@ def train_loop(
             f"({world.world_size} ranks x {s.micro_batch} x {s.grad_accum}); use a smaller batch or more data"
         )
     device = engine.device
-    progress = tqdm(total=steps_total, initial=state.step, desc="train", disable=not world.is_main, dynamic_ncols=True)
-    last_save = time.monotonic()
+    window = MetricWindow(device)
 
-    def fresh_window() -> dict[str, Any]:
-        # Sums stay on the device until the log step: no host synchronisation per micro-batch.
-        return {"loss": torch.zeros((), dtype=torch.float32, device=device), "micro": 0, "samples": 0,
-                "tokens": 0, "time": time.monotonic(), "extra": {}}
+    def units(epoch: int) -> list[list[int]]:
+        return rank_batches(epoch_order(len(train_data), s.seed, epoch), world.rank, world.world_size,
+                            s.micro_batch, s.grad_accum)
 
-    window = fresh_window()
-
-    def checkpoint(tag: str) -> None:
-        save_checkpoint({"model": engine}, output_dir, tag, state.to_dict(), s.keep_last)
-
-    while state.step < steps_total:
-        batches = rank_batches(epoch_order(len(train_data), s.seed, state.epoch), world.rank,
-                               world.world_size, s.micro_batch, s.grad_accum)
-        loader = DataLoader(train_data, batch_sampler=batches[state.micro_in_epoch:], collate_fn=collate,
-                            pin_memory=device.type == "cuda")
+    def run_unit(indices: list[int]) -> bool:
+        batch = collate([train_data[i] for i in indices])
+        tokens = count_tokens(batch)  # on the host, before the copy
+        batch = to_device(batch, device)
         engine.train()
-        for batch in loader:
-            window["tokens"] += count_tokens(batch)  # on the host, before the copy
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            boundary = engine.is_gradient_accumulation_boundary()
-            loss, metrics = loss_fn(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            state.micro_in_epoch += 1
-            window["loss"] += loss.detach().float()
-            window["micro"] += 1
-            window["samples"] += s.micro_batch
-            for k, v in metrics.items():
-                v = v.detach().float() if torch.is_tensor(v) else float(v)
-                window["extra"][k] = window["extra"].get(k, 0.0) + v
-            if not boundary:
-                continue
+        boundary = engine.is_gradient_accumulation_boundary()
+        loss, metrics = loss_fn(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        window.add({"loss": loss, **metrics}, s.micro_batch, tokens)
+        return boundary
 
-            state.step += 1
-            progress.update(1)
-            if state.step % s.log_every == 0 or state.step == steps_total:
-                keys = sorted(window["extra"])
-                sums = dist.all_reduce_sum(
-                    [window["loss"], window["micro"], window["samples"], window["tokens"]]
-                    + [window["extra"][k] for k in keys]
-                )
-                elapsed = max(1e-9, time.monotonic() - window["time"])  # after the sync above
-                loss_mean = sums[0] / sums[1]
-                record = {
-                    "train/loss": loss_mean,
-                    "train/lr": engine.get_lr()[0],
-                    "perf/samples_per_s": sums[2] / elapsed,
-                    "perf/tokens_per_s": sums[3] / elapsed,
-                }
-                record.update({f"train/{k}": v / sums[1] for k, v in zip(keys, sums[4:], strict=True)})
-                record.update(memory_metrics())
-                if s.flops_per_token:
-                    tflops = s.flops_per_token * sums[3] / elapsed / world.world_size / 1e12
-                    record["perf/model_tflops_per_s"] = tflops
-                    if s.peak_tflops:
-                        record["perf/mfu"] = tflops / s.peak_tflops
-                state.samples_seen += int(sums[2])
-                state.tokens_seen += int(sums[3])
-                tracker.log_metrics(record, step=state.step)
-                progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['train/lr']:.2e}")
-                window = fresh_window()
-            if evaluate and s.eval_every and state.step % s.eval_every == 0 and state.step < steps_total:
-                tracker.log_metrics(evaluate(engine), step=state.step)
-                engine.train()
-            if state.step >= steps_total:
-                break
-            due = checkpoint_due(state.step, s.save_every, s.save_every_minutes, time.monotonic() - last_save)
-            stopping = stop is not None and stop.agreed()
-            if due or stopping:
-                checkpoint(f"step-{state.step:08d}")
-                last_save = time.monotonic()
-            if stopping:
-                progress.close()
-                raise Preempted(f"stopped by {stop.reason()} at step {state.step}")
-        else:
-            state.epoch += 1
-            state.micro_in_epoch = 0
-            continue
-        break
-    progress.close()
-    if evaluate:
-        tracker.log_metrics(evaluate(engine), step=state.step)
-    checkpoint(f"step-{state.step:08d}")
-    return state
+    def log(step: int) -> dict[str, str]:
+        means, samples, tokens, elapsed = window.reduce()
+        record = {f"train/{k}": v for k, v in means.items()}
+        record["train/lr"] = engine.get_lr()[0]
+        record.update(throughput(samples, tokens, elapsed, world.world_size, s))
+        record.update(memory_metrics())
+        state.samples_seen += int(samples)
+        state.tokens_seen += int(tokens)
+        tracker.log_metrics(record, step=step)
+        return {"loss": f"{record['train/loss']:.4f}", "lr": f"{record['train/lr']:.2e}"}
+
+    def evaluate_and_log(step: int) -> None:
+        tracker.log_metrics(evaluate(engine), step=step)
+
+    return drive(state=state, total=steps_total, units=units, run_unit=run_unit, log=log,
+                 evaluate=evaluate_and_log if evaluate else None,
+                 checkpoint=lambda: save_checkpoint({"model": engine}, output_dir, f"step-{state.step:08d}",
+                                                    state.to_dict(), s.keep_last),
+                 settings=s, stop=stop, world=world, desc="train")

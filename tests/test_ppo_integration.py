@@ -182,7 +182,7 @@ def test_ppo_resumes_where_it_stopped(toy, tmp_path):
     history = client.get_metric_history(run.info.run_id, "ppo/score_mean")
     assert sorted(m.step for m in history) == [1, 2, 3]
     state = json.loads((out / "checkpoints" / "step-00000003" / "loop_state.json").read_text())
-    assert (state["step"], state["epoch"], state["micro_in_epoch"]) == (3, 0, 3)
+    assert (state["step"], state["epoch"], state["position"]) == (3, 0, 3)
 
 
 def test_ppo_with_different_reward_tokenizer_needs_the_opt_in(toy, tmp_path):

@@ -11,11 +11,11 @@ the loop state (step, epoch, experience batches consumed) goes into every checkp
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import consolidated_state_dict, export_pretrained, save_checkpoint
@@ -25,11 +25,11 @@ from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
 from forgepipe.deepspeed_config import build_ds_config, validate_launch
 from forgepipe.errors import ForgeError
-from forgepipe.loop import Preempted, checkpoint_due, epoch_order, memory_metrics, rank_batches
+from forgepipe.loop import drive, epoch_order, memory_metrics, rank_batches
 from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import LoraSettings, hf_from_pretrained, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
-from forgepipe.stages.common import MODEL_SUBDIR, StageRun, resolve_stage_output
+from forgepipe.stages.common import MODEL_SUBDIR, StageRun, loop_settings, resolve_stage_output
 from forgepipe.stages.ppo.experience import (
     Experience,
     actor_logprobs,
@@ -194,6 +194,46 @@ class _StateDictSource:
         return self._state
 
 
+STEP_SUMS = ("rows", "tokens", "score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "approx_kl",
+             "ptx_loss", "updates", "generation_s", "scoring_s", "training_s", "steps")
+
+
+def step_sums(exp: Experience, stats: dict[str, Any], training_s: float) -> dict[str, Any]:
+    """One PPO step's contribution to the logged figures: sums, tensors left on the device."""
+    mask = exp.action_mask
+    tokens = mask.sum().double()
+    kl = masked_mean(exp.logp_old - exp.logp_ref, mask)
+    return {"rows": float(len(exp)), "tokens": tokens, "score": exp.scores.double().sum(), "kl": kl.double() * tokens,
+            "reward": exp.rewards.double().sum(), **{k: stats[k] for k in ("policy_loss", "value_loss", "clip_frac",
+                                                                            "approx_kl", "ptx_loss", "updates")},
+            "generation_s": exp.generation_s, "scoring_s": exp.scoring_s, "training_s": training_s, "steps": 1.0}
+
+
+def window_metrics(sums: dict[str, Any], world: dist.World, ptx: bool) -> tuple[dict[str, float], float, float]:
+    """(figures, responses, response tokens) of the PPO steps since the last log, over all ranks
+    (sums all-reduced, then divided; times are per step and rank). Collective."""
+    total = dict(zip(STEP_SUMS, dist.all_reduce_sum([sums.get(k, 0.0) for k in STEP_SUMS]), strict=True))
+    rows, tokens, updates = total["rows"], total["tokens"], max(total["updates"], 1.0)
+    per_step = max(total["steps"], 1.0)  # steps x ranks
+    record = {
+        "ppo/score_mean": total["score"] / rows,
+        "ppo/kl": total["kl"] / max(tokens, 1.0),  # per response token
+        "ppo/reward_mean": total["reward"] / rows,  # KL-shaped return of a whole response
+        "ppo/policy_loss": total["policy_loss"] / updates,
+        "ppo/value_loss": total["value_loss"] / updates,
+        "ppo/clip_frac": total["clip_frac"] / updates,
+        "ppo/approx_kl": total["approx_kl"] / updates,
+        "ppo/response_len": tokens / rows,
+        "perf/gen_tokens_per_s": tokens / max(total["generation_s"] / world.world_size, 1e-9),
+        "time/generation_s": total["generation_s"] / per_step,
+        "time/scoring_s": total["scoring_s"] / per_step,
+        "time/training_s": total["training_s"] / per_step,
+    }
+    if ptx:
+        record["ppo/ptx_loss"] = total["ptx_loss"] / updates
+    return record, rows, tokens
+
+
 def ema_state_dict(actor, ema: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """The actor's full state dict with the EMA weights in place of the trained ones (rank 0)."""
     state = consolidated_state_dict(actor)
@@ -215,206 +255,207 @@ def _model_path(name: str, cfg: Config, option: str) -> str:
         raise ForgeError(f"{option}: {exc}") from None
 
 
+@dataclass
+class PPOInputs:
+    """Everything PPO reads, checked and tokenized before any model is loaded."""
+
+    actor_path: str
+    reward_path: str
+    critic_path: str
+    tokenizer: Any
+    reward_tokenizer: Any
+    mismatch: str | None  # why the reward model's tokenizer differs (then it reads re-tokenized text)
+    prompts: Any
+    ptx_data: Any
+    generation_batch: int  # prompts per rank per experience batch
+    micro_batches: int  # micro-batches per experience batch
+    steps: int  # PPO steps (experience batches per rank)
+    optimizer_steps: int
+
+
+def prepare_inputs(cfg: Config, run: StageRun) -> PPOInputs:
+    """Paths, tokenizers, prompts and step counts; every check that needs no model."""
+    p, world = cfg.ppo, run.world
+    actor_path = _model_path(cfg.model.name_or_path, cfg, "--actor")
+    reward_path = _model_path(p.reward_model, cfg, "--reward")
+    critic_path = _model_path(p.critic_model, cfg, "--critic") if p.critic_model else reward_path
+    if not has_scalar_head(reward_path):
+        raise ForgeError(f"--reward: {reward_path} is not a reward model export (no scalar head); "
+                         "give the output of `forgepipe reward`")
+    from transformers import AutoConfig
+
+    actor_config = hf_from_pretrained(AutoConfig.from_pretrained, actor_path, "model config",
+                                      trust_remote_code=cfg.model.trust_remote_code)
+    validate_launch(cfg, world, has_gpu=torch.cuda.is_available(), model_type=actor_config.model_type)
+    if p.hybrid_engine:
+        raise ForgeError("--hybrid-engine: not supported by forgepipe's PPO loop yet; drop --hybrid-engine "
+                         "(ZeRO-3 generation gathers the actor once per batch instead)")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left",
+                               trust_remote_code=cfg.model.trust_remote_code)
+    reward_tokenizer = load_tokenizer(reward_path)
+    mismatch = tokenizer_mismatch(tokenizer, reward_tokenizer)
+    if mismatch and not p.allow_tokenizer_mismatch:
+        raise ForgeError(f"--reward: the tokenizer of {reward_path} does not match the actor's ({mismatch}); "
+                         "pass --allow-tokenizer-mismatch to re-tokenize responses as text for the reward model")
+    if mismatch:
+        log.warning("actor and reward tokenizers differ (%s): the reward model reads re-tokenized text, "
+                    "the critic reads the actor's ids", mismatch)
+    gen_batch, micro_batches = ppo_batch_sizes(cfg)
+    train_raw, _ = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
+                                   max_dropped_fraction=cfg.data.max_dropped_fraction)
+    prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, run.cache_dir)
+    per_epoch = len(prompts) // (world.world_size * gen_batch)
+    if per_epoch == 0:
+        raise ForgeError(f"--generation-batch-size: {len(prompts)} prompts are fewer than one experience batch "
+                         f"({world.world_size} ranks x {gen_batch}); use a smaller batch or more data")
+    steps = per_epoch * cfg.train.epochs
+    steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+    ptx_data = None
+    if p.ptx_coef > 0:
+        ptx_data = tokenize_text(load_text_data(cfg.data.unsupervised_sources, cfg.train.seed), tokenizer,
+                                 cfg.data.max_seq_len, run.cache_dir)
+    return PPOInputs(actor_path, reward_path, critic_path, tokenizer, reward_tokenizer, mismatch, prompts, ptx_data,
+                     gen_batch, micro_batches, steps, steps * p.ppo_epochs * micro_batches // cfg.train.grad_accum)
+
+
+def ppo_ds_configs(cfg: Config, world: dist.World) -> dict[str, dict]:
+    """One DeepSpeed JSON per engine: ZeRO++ on the actor only, the frozen ones without an optimizer."""
+    p = cfg.ppo
+    critic_stage = cfg.deepspeed.zero_stage if p.critic_zero_stage is None else p.critic_zero_stage
+    frozen_stage = cfg.deepspeed.zero_stage if p.ref_zero_stage is None else p.ref_zero_stage
+    ds_configs = {
+        "actor": build_ds_config(cfg, world, zeropp=True),
+        "critic": build_ds_config(cfg, world, zero_stage=critic_stage, zeropp=False, lr=p.critic_lr),
+        "ref": build_ds_config(cfg, world, zero_stage=frozen_stage, zeropp=False, train=False),
+        "reward": build_ds_config(cfg, world, zero_stage=frozen_stage, zeropp=False, train=False),
+    }
+    check_one_hpz(ds_configs)
+    return ds_configs
+
+
+@dataclass
+class PPOModels:
+    actor: Any  # trained
+    critic: Any  # trained
+    ref: Any  # frozen copy of the starting actor
+    reward: Any  # frozen
+    build_actor: Any  # () -> a fresh actor module (the export's CPU rebuild)
+
+
+def build_models(cfg: Config, run: StageRun, inputs: PPOInputs, ds_configs: dict[str, dict]) -> PPOModels:
+    """The four engines, on this rank's device (each loads straight into ZeRO-3 partitions at stage 3)."""
+    p, i = cfg.ppo, inputs
+    actor_lora = LoraSettings.from_model_config(cfg.model)
+    critic_lora = LoraSettings.from_model_config(cfg.model, dim=p.critic_lora_dim)
+    remote = cfg.model.trust_remote_code
+
+    def build_actor(gradient_checkpointing: bool = False, lora: LoraSettings | None = actor_lora):
+        return load_causal_lm(i.actor_path, dtype=cfg.train.dtype, tokenizer=i.tokenizer, lora=lora,
+                              gradient_checkpointing=gradient_checkpointing, trust_remote_code=remote)
+
+    actor = run.build_engine(ds_configs["actor"], lambda: build_actor(cfg.model.gradient_checkpointing),
+                             total_steps=i.optimizer_steps)
+    ref = run.build_engine(ds_configs["ref"], lambda: build_actor(lora=None))
+    critic = run.build_engine(ds_configs["critic"], lambda: load_scalar_model(
+        i.critic_path, dtype=cfg.train.dtype, tokenizer=i.tokenizer, lora=critic_lora,
+        gradient_checkpointing=p.critic_gradient_checkpointing, trust_remote_code=remote),
+        total_steps=i.optimizer_steps)
+    reward = run.build_engine(ds_configs["reward"], lambda: load_scalar_model(
+        i.reward_path, dtype=cfg.train.dtype, tokenizer=i.reward_tokenizer, trust_remote_code=remote))
+    return PPOModels(actor, critic, ref, reward, build_actor)
+
+
+def initial_ema(cfg: Config, run: StageRun, actor) -> dict[str, torch.Tensor] | None:
+    """The EMA copy: from the checkpoint when resuming, else the starting actor (None when off)."""
+    if cfg.ppo.ema <= 0:
+        return None
+    saved = run.resume_from / EMA_FILE if run.resume_from is not None else None
+    if saved is not None and saved.is_file():
+        return torch.load(saved) if run.world.is_main else None
+    return update_ema(None, actor, cfg.ppo.ema, run.world)
+
+
+def ppo_loop(cfg: Config, run: StageRun, inputs: PPOInputs, models: PPOModels,
+             ema: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """PPO steps through the step driver: one unit is one experience batch (sample, score, then
+    `ppo_epochs` passes of updates). Returns the EMA copy (rank 0)."""
+    p, i, m, world, state = cfg.ppo, inputs, models, run.world, run.state
+    zero3 = m.actor.zero_optimization_partition_weights()
+    gather = zero3 and p.gather_for_generation
+    collate = PromptCollator(i.tokenizer.pad_token_id)
+    ptx_batches = None
+    if i.ptx_data is not None:
+        ptx_batches = ptx_stream(i.ptx_data, SFTCollator(i.tokenizer.pad_token_id), cfg, world,
+                                 start=state.step * p.ppo_epochs * i.micro_batches)
+    per_epoch = len(i.prompts) // (world.world_size * i.generation_batch)
+    window: dict[str, Any] = {}
+    box = {"ema": ema}
+
+    def units(epoch: int) -> list[list[int]]:
+        return rank_batches(epoch_order(len(i.prompts), cfg.train.seed, epoch), world.rank, world.world_size,
+                            i.generation_batch, 1)[:per_epoch]
+
+    def run_unit(indices: list[int]) -> bool:
+        exp = make_experience(
+            m.actor, m.critic, m.ref, m.reward, collate([i.prompts[k] for k in indices]), ppo=p,
+            eos_token_id=i.tokenizer.eos_token_id, pad_token_id=i.tokenizer.pad_token_id,
+            forward_batch_size=cfg.train.per_device_batch_size,
+            synced_gpus=zero3 and world.world_size > 1 and not gather, gather=gather,
+            actor_tokenizer=i.tokenizer, reward_tokenizer=i.reward_tokenizer if i.mismatch else None,
+        )
+        start = wall_clock(exp.sequences.device)
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step)
+        stats = train_on_experience(m.actor, m.critic, exp, cfg, i.micro_batches, generator, ptx_batches)
+        for k, v in step_sums(exp, stats, wall_clock(exp.sequences.device) - start).items():
+            window[k] = window.get(k, 0.0) + v
+        if p.ema > 0:
+            box["ema"] = update_ema(box["ema"], m.actor, p.ema, world)
+        return True
+
+    def log(step: int) -> dict[str, str]:
+        record, rows, tokens = window_metrics(window, world, ptx=ptx_batches is not None)
+        window.clear()
+        record["train/lr"] = m.actor.get_lr()[0]
+        record.update(memory_metrics())
+        state.samples_seen += int(rows)
+        state.tokens_seen += int(tokens)
+        run.tracker.log_metrics(record, step=step)
+        return {"score": f"{record['ppo/score_mean']:.3f}", "kl": f"{record['ppo/kl']:.3f}"}
+
+    def checkpoint() -> None:
+        path = save_checkpoint({"actor": m.actor, "critic": m.critic}, cfg.output_dir, f"step-{state.step:08d}",
+                               state.to_dict(), cfg.train.keep_last)
+        if box["ema"] is not None and world.is_main:
+            torch.save(box["ema"], Path(path) / EMA_FILE)
+
+    drive(state=state, total=i.steps, units=units, run_unit=run_unit, log=log, evaluate=None,
+          checkpoint=checkpoint, settings=loop_settings(cfg), stop=run.stop, world=world, desc="ppo")
+    return box["ema"]
+
+
 def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
     """Train the actor with PPO and export it; returns the exported model directory."""
-    p = cfg.ppo
     with StageRun(cfg, parent_run_id=parent_run_id) as run:
-        world = run.world
-        # --- inputs, checked before any model is loaded
-        actor_path = _model_path(cfg.model.name_or_path, cfg, "--actor")
-        reward_path = _model_path(p.reward_model, cfg, "--reward")
-        critic_path = _model_path(p.critic_model, cfg, "--critic") if p.critic_model else reward_path
-        if not has_scalar_head(reward_path):
-            raise ForgeError(f"--reward: {reward_path} is not a reward model export (no scalar head); "
-                             "give the output of `forgepipe reward`")
-        from transformers import AutoConfig
-
-        actor_config = hf_from_pretrained(AutoConfig.from_pretrained, actor_path, "model config",
-                                          trust_remote_code=cfg.model.trust_remote_code)
-        validate_launch(cfg, world, has_gpu=torch.cuda.is_available(), model_type=actor_config.model_type)
-        if p.hybrid_engine:
-            raise ForgeError("--hybrid-engine: not supported by forgepipe's PPO loop yet; drop --hybrid-engine "
-                             "(ZeRO-3 generation gathers the actor once per batch instead)")
-        tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left",
-                                   trust_remote_code=cfg.model.trust_remote_code)
-        reward_tokenizer = load_tokenizer(reward_path)
-        mismatch = tokenizer_mismatch(tokenizer, reward_tokenizer)
-        if mismatch and not p.allow_tokenizer_mismatch:
-            raise ForgeError(f"--reward: the tokenizer of {reward_path} does not match the actor's ({mismatch}); "
-                             "pass --allow-tokenizer-mismatch to re-tokenize responses as text for the reward model")
-        if mismatch:
-            log.warning("actor and reward tokenizers differ (%s): the reward model reads re-tokenized text, "
-                        "the critic reads the actor's ids", mismatch)
-        if not cfg.data.sources:
-            raise ForgeError("--data: at least one data source is required")
-        gen_batch, micro_batches = ppo_batch_sizes(cfg)
-        train_raw, _ = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
-                                       max_dropped_fraction=cfg.data.max_dropped_fraction)
-        prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, run.cache_dir)
-        per_epoch = len(prompts) // (world.world_size * gen_batch)
-        if per_epoch == 0:
-            raise ForgeError(f"--generation-batch-size: {len(prompts)} prompts are fewer than one experience batch "
-                             f"({world.world_size} ranks x {gen_batch}); use a smaller batch or more data")
-        steps = per_epoch * cfg.train.epochs
-        steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
-        optimizer_steps = steps * p.ppo_epochs * micro_batches // cfg.train.grad_accum
-        ptx_data = None
-        if p.ptx_coef > 0:
-            ptx_data = tokenize_text(load_text_data(cfg.data.unsupervised_sources, cfg.train.seed), tokenizer,
-                                     cfg.data.max_seq_len, run.cache_dir)
-
-        critic_stage = cfg.deepspeed.zero_stage if p.critic_zero_stage is None else p.critic_zero_stage
-        frozen_stage = cfg.deepspeed.zero_stage if p.ref_zero_stage is None else p.ref_zero_stage
-        ds_configs = {
-            "actor": build_ds_config(cfg, world, zeropp=True),
-            "critic": build_ds_config(cfg, world, zero_stage=critic_stage, zeropp=False, lr=p.critic_lr),
-            "ref": build_ds_config(cfg, world, zero_stage=frozen_stage, zeropp=False, train=False),
-            "reward": build_ds_config(cfg, world, zero_stage=frozen_stage, zeropp=False, train=False),
-        }
-        check_one_hpz(ds_configs)
+        inputs = prepare_inputs(cfg, run)
+        ds_configs = ppo_ds_configs(cfg, run.world)
         run.begin(
-            fingerprint={"actor": actor_path, "reward": reward_path, "critic": critic_path,
+            fingerprint={"actor": inputs.actor_path, "reward": inputs.reward_path, "critic": inputs.critic_path,
                          "data": list(cfg.data.sources), "split": cfg.data.split, "seed": cfg.train.seed,
-                         "generation_batch_size": gen_batch, "max_prompt_len": cfg.data.max_prompt_len},
+                         "generation_batch_size": inputs.generation_batch, "max_prompt_len": cfg.data.max_prompt_len},
             ds_configs=ds_configs,
         )
         # On a resumed run the tracker keeps the first values and tags changed ones (resumed.*).
-        run.tracker.log_params({"data.train_prompts": len(prompts), "train.total_steps": steps,
-                                "train.optimizer_steps": optimizer_steps})
-
-        # --- models
-        actor_lora = LoraSettings.from_model_config(cfg.model)
-        critic_lora = LoraSettings.from_model_config(cfg.model, dim=p.critic_lora_dim)
-
-        def build_actor(gradient_checkpointing: bool = False, lora: LoraSettings | None = actor_lora):
-            return load_causal_lm(actor_path, dtype=cfg.train.dtype, tokenizer=tokenizer, lora=lora,
-                                  gradient_checkpointing=gradient_checkpointing,
-                                  trust_remote_code=cfg.model.trust_remote_code)
-
-        actor = run.build_engine(ds_configs["actor"], lambda: build_actor(cfg.model.gradient_checkpointing),
-                                 total_steps=optimizer_steps)
-        ref = run.build_engine(ds_configs["ref"], lambda: build_actor(lora=None))
-        critic = run.build_engine(ds_configs["critic"], lambda: load_scalar_model(
-            critic_path, dtype=cfg.train.dtype, tokenizer=tokenizer, lora=critic_lora,
-            gradient_checkpointing=p.critic_gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code),
-            total_steps=optimizer_steps)
-        reward = run.build_engine(ds_configs["reward"], lambda: load_scalar_model(
-            reward_path, dtype=cfg.train.dtype, tokenizer=reward_tokenizer, trust_remote_code=cfg.model.trust_remote_code))
-        run.resume({"actor": actor, "critic": critic})
-        state = run.state
-
-        ema = None
-        if p.ema > 0:
-            saved = run.resume_from / EMA_FILE if run.resume_from is not None else None
-            if saved is not None and saved.is_file():
-                ema = torch.load(saved) if world.is_main else None
-            else:
-                ema = update_ema(None, actor, p.ema, world)
-
-        zero3 = actor.zero_optimization_partition_weights()
-        gather = zero3 and p.gather_for_generation
-        collate = PromptCollator(tokenizer.pad_token_id)
-        ptx_batches = None
-        if ptx_data is not None:
-            per_step = p.ppo_epochs * micro_batches
-            ptx_batches = ptx_stream(ptx_data, SFTCollator(tokenizer.pad_token_id), cfg, world,
-                                     start=state.step * per_step)
-
-        def checkpoint() -> None:
-            path = save_checkpoint({"actor": actor, "critic": critic}, cfg.output_dir, f"step-{state.step:08d}",
-                                   state.to_dict(), cfg.train.keep_last)
-            if ema is not None and world.is_main:
-                torch.save(ema, Path(path) / EMA_FILE)
-
-        # --- the loop
-        last_save = time.monotonic()
-        progress = tqdm(total=steps, initial=state.step, desc="ppo", disable=not world.is_main, dynamic_ncols=True)
-        while state.step < steps:
-            batches = rank_batches(epoch_order(len(prompts), cfg.train.seed, state.epoch), world.rank,
-                                   world.world_size, gen_batch, 1)[:per_epoch]
-            for idx in batches[state.micro_in_epoch:]:
-                exp = make_experience(
-                    actor, critic, ref, reward, collate([prompts[i] for i in idx]), ppo=p,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    forward_batch_size=cfg.train.per_device_batch_size,
-                    synced_gpus=zero3 and world.world_size > 1 and not gather, gather=gather,
-                    actor_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer if mismatch else None,
-                )
-                start = wall_clock(exp.sequences.device)
-                generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step)
-                stats = train_on_experience(actor, critic, exp, cfg, micro_batches, generator, ptx_batches)
-                training_s = wall_clock(exp.sequences.device) - start
-                state.micro_in_epoch += 1
-                state.step += 1
-                if p.ema > 0:
-                    ema = update_ema(ema, actor, p.ema, world)
-                record = step_metrics(exp, stats, training_s, world, ptx=ptx_batches is not None)
-                record["train/lr"] = actor.get_lr()[0]
-                state.samples_seen += int(record.pop("_rows"))
-                state.tokens_seen += int(record.pop("_tokens"))
-                if state.step % cfg.train.log_every == 0 or state.step == steps:
-                    run.tracker.log_metrics(record, step=state.step)
-                progress.update(1)
-                progress.set_postfix(score=f"{record['ppo/score_mean']:.3f}", kl=f"{record['ppo/kl']:.3f}")
-                if state.step >= steps:
-                    break
-                stopping = run.stop.agreed()
-                if stopping or checkpoint_due(state.step, cfg.train.save_every, cfg.train.save_every_minutes,
-                                              time.monotonic() - last_save):
-                    checkpoint()
-                    last_save = time.monotonic()
-                if stopping:
-                    progress.close()
-                    raise Preempted(f"stopped by {run.stop.reason()} at step {state.step}")
-            else:
-                state.epoch += 1
-                state.micro_in_epoch = 0
-                continue
-            break
-        progress.close()
-        checkpoint()
-
-        # --- export (the EMA copy when enabled)
-        source = _StateDictSource(ema_state_dict(actor, ema)) if p.ema > 0 else actor
+        run.tracker.log_params({"data.train_prompts": len(inputs.prompts), "train.total_steps": inputs.steps,
+                                "train.optimizer_steps": inputs.optimizer_steps})
+        models = build_models(cfg, run, inputs, ds_configs)
+        run.resume({"actor": models.actor, "critic": models.critic})
+        ema = ppo_loop(cfg, run, inputs, models, initial_ema(cfg, run, models.actor))
+        # The export: the EMA copy when enabled.
+        source = _StateDictSource(ema_state_dict(models.actor, ema)) if cfg.ppo.ema > 0 else models.actor
         model_dir = export_pretrained(
-            source, run.output_dir / MODEL_SUBDIR, lambda: build_actor(), tokenizer,
-            metadata={"stage": "ppo", "base_model": actor_path, "reward_model": reward_path,
-                      "ema": p.ema, "mlflow_run_id": state.run_id},
+            source, run.output_dir / MODEL_SUBDIR, lambda: models.build_actor(), inputs.tokenizer,
+            metadata={"stage": "ppo", "base_model": inputs.actor_path, "reward_model": inputs.reward_path,
+                      "ema": cfg.ppo.ema, "mlflow_run_id": run.state.run_id},
         )
         run.finish(model_dir)
         return str(model_dir)
-
-
-def step_metrics(exp: Experience, stats: dict[str, float], training_s: float, world: dist.World,
-                 ptx: bool) -> dict[str, float]:
-    """One PPO step's metrics, combined over ranks (sums all-reduced, then divided)."""
-    mask = exp.action_mask
-    kl = masked_mean(exp.logp_old - exp.logp_ref, mask)
-    rows, tokens = float(len(exp)), mask.sum().double()  # tensors stay on the device until the one transfer
-    updates = stats["updates"]
-    local = [rows, tokens, exp.scores.double().sum(), kl.double() * tokens, exp.rewards.double().sum(),
-             stats["policy_loss"], stats["value_loss"], stats["clip_frac"], stats["approx_kl"], stats["ptx_loss"],
-             updates, exp.generation_s, exp.scoring_s, training_s]
-    (rows, tokens, score, kl_sum, reward, pl, vl, cf, akl, ptx_loss, updates,
-     gen_s, score_s, train_s) = dist.all_reduce_sum(local)
-    n = world.world_size
-    record = {
-        "ppo/score_mean": score / rows,
-        "ppo/kl": kl_sum / max(tokens, 1.0),  # per response token
-        "ppo/reward_mean": reward / rows,  # KL-shaped return of a whole response
-        "ppo/policy_loss": pl / updates,
-        "ppo/value_loss": vl / updates,
-        "ppo/clip_frac": cf / updates,
-        "ppo/approx_kl": akl / updates,
-        "ppo/response_len": tokens / rows,
-        "perf/gen_tokens_per_s": tokens / max(gen_s / n, 1e-9),
-        "time/generation_s": gen_s / n,
-        "time/scoring_s": score_s / n,
-        "time/training_s": train_s / n,
-        "_rows": rows,
-        "_tokens": tokens,
-    }
-    if ptx:
-        record["ppo/ptx_loss"] = ptx_loss / updates
-    record.update(memory_metrics())
-    return record
