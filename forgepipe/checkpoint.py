@@ -255,13 +255,14 @@ def read_loop_state(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / LOOP_STATE).read_text())
 
 
-def load_checkpoint(engines: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
-    """Collective: restore every engine, this rank's RNG states, and return the loop state."""
+def load_checkpoint(engines: dict[str, Any], checkpoint: str | Path, engine_dir: Path | None = None) -> dict[str, Any]:
+    """Collective: restore every engine (from `engine_dir/<name>` when given: the universal form),
+    this rank's RNG states, and return the loop state."""
     checkpoint = Path(checkpoint)
     state = read_loop_state(checkpoint)
     for name, engine in engines.items():
         try:
-            path, _ = engine.load_checkpoint(str(checkpoint), tag=name)
+            path, _ = engine.load_checkpoint(str(engine_dir or checkpoint), tag=name)
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ForgeError(f"--resume: {checkpoint / name} cannot be loaded ({first})") from None

@@ -121,6 +121,50 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, 
     return honoured, refused
 
 
+WORLD_SIZE_STAGES = ("sft", "reward")  # resumable at another world size (universal checkpoint)
+
+
+def resume_changes(before: dict[str, Any], flat: dict[str, Any], world_size: int,
+                   where: str) -> dict[str, tuple]:
+    """The honoured changes between a checkpoint's fingerprint (`before`) and this run's flattened
+    config at `world_size`; a change that cannot be honoured is a ForgeError naming the option.
+
+    Another world size is honoured for the supervised stages at ZeRO 1-3 (the checkpoint goes
+    through DeepSpeed's universal format) when the samples per optimizer step stay the same, so
+    the data order, the schedule and the loss curve continue: the batch or gradient accumulation
+    may change to keep it."""
+    old_config = before.get("config") or {}
+    honoured, refused = config_changes(old_config, flat)
+    old_world = before.get("world_size")
+    if old_world is not None and old_world != world_size:
+        stage = flat.get("stage")
+        zero = flat.get("deepspeed.zero_stage")
+        if stage not in WORLD_SIZE_STAGES or not old_config:
+            raise ForgeError(f"--resume: {where} was written with world_size={old_world!r}, this run has "
+                             f"{world_size!r}; stage {stage} resumes at the same number of ranks only")
+        if zero == 0:
+            raise ForgeError(f"--resume: {where} was written by {old_world} ranks, this run has {world_size}; "
+                             "another world size needs --zero-stage 1, 2 or 3 (DeepSpeed's universal checkpoint)")
+        old_step = old_world * old_config["train.per_device_batch_size"] * old_config["train.grad_accum"]
+        new_step = world_size * flat["train.per_device_batch_size"] * flat["train.grad_accum"]
+        if old_step != new_step:
+            raise ForgeError(
+                f"--grad-accum: {where} was written by {old_world} ranks x batch "
+                f"{old_config['train.per_device_batch_size']} x accumulation {old_config['train.grad_accum']} = "
+                f"{old_step} samples a step; with {world_size} ranks set --per-device-batch-size and --grad-accum "
+                f"so that ranks x batch x accumulation = {old_step}"
+            )
+        for key in ("train.per_device_batch_size", "train.grad_accum"):
+            if key in refused:
+                honoured[key] = refused.pop(key)
+        honoured["world_size"] = (old_world, world_size)
+    if refused:
+        key, (old, new) = next(iter(refused.items()))
+        raise ForgeError(f"--resume: {option_name(key)} cannot change on resume ({where} was written with "
+                         f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite")
+    return honoured
+
+
 def option_name(key: str) -> str:
     from forgepipe.cli import LABELS
 
@@ -141,16 +185,11 @@ def check_resume_config(cfg: Config) -> None:
     else:
         checkpoint = Path(cfg.train.resume)
     try:
-        before = json.loads((checkpoint / LOOP_STATE).read_text()).get("fingerprint", {}).get("config")
+        before = json.loads((checkpoint / LOOP_STATE).read_text()).get("fingerprint", {})
     except (OSError, ValueError, AttributeError):
         return
-    if not before:
-        return
-    _, refused = config_changes(before, cfg.flat())
-    if refused:
-        key, (old, new) = next(iter(refused.items()))
-        raise ForgeError(f"--resume: {option_name(key)} cannot change on resume ({checkpoint} was written with "
-                         f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite")
+    if isinstance(before, dict) and before.get("config"):
+        resume_changes(before, cfg.flat(), world_size_from_env(), str(checkpoint))
 
 
 

@@ -6,6 +6,8 @@ A stage recipe reads as: `with StageRun(cfg) as run:` -> check inputs -> `run.be
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import signal
@@ -22,7 +24,7 @@ from forgepipe.deepspeed_config import PROFILE_FILE, validate_launch
 from forgepipe.engine import initialize, zero3_loading
 from forgepipe.errors import ForgeError
 from forgepipe.loop import STOP, LoopSettings, LoopState, Preempted, StopRequest
-from forgepipe.preflight import check_output_dir, config_changes, earlier_run, option_name
+from forgepipe.preflight import check_output_dir, earlier_run, option_name, resume_changes
 from forgepipe.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ class StageRun:
     _created_cache: bool = False
     _begun: bool = False
     _training: bool = False
+    _old_world: int | None = None  # the world size of the checkpoint resumed from, when it differs
+
+    def _universal(self) -> bool:
+        return self._old_world is not None
     _owns_process_group: bool = False
 
     @property
@@ -147,21 +153,16 @@ class StageRun:
         if self.resume_from is not None:
             previous = read_loop_state(self.resume_from)
             before = previous.get("fingerprint", {})
-            changed = {k: (before.get(k), v) for k, v in fingerprint.items() if before.get(k) != v}
+            changed = {k: (before.get(k), v) for k, v in fingerprint.items()
+                       if before.get(k) != v and not (k == "world_size" and before.get("config"))}
             if changed:
                 key, (old, new) = next(iter(changed.items()))
                 raise ForgeError(
                     f"--resume: {self.resume_from} was written with {key}={old!r}, this run has {new!r}; "
                     "use a new --output-dir or --overwrite"
                 )
-            if "config" in before:
-                honoured, refused = config_changes(before["config"], flat)
-                if refused:
-                    key, (old, new) = next(iter(refused.items()))
-                    raise ForgeError(
-                        f"--resume: {option_name(key)} cannot change on resume ({self.resume_from} was written with "
-                        f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite"
-                    )
+            if before.get("config"):
+                honoured = resume_changes(before, flat, self.world.world_size, str(self.resume_from))
             run_id = previous.get("run_id")
         self.state.fingerprint = {**fingerprint, "config": flat}
         if cfg.overwrite and self.world.is_main:
@@ -179,6 +180,7 @@ class StageRun:
         for key, (old, new) in honoured.items():
             log.warning("resume: %s changed from %r to %r: honoured (LR schedule recomputed from step %d)",
                         option_name(key), old, new, read_loop_state(self.resume_from).get("step", 0))
+        self._old_world = honoured.get("world_size", (None, None))[0]
         if honoured:
             self.tracker.set_tags({"resumed.changed": ", ".join(sorted(honoured))})
         self._log_dropped_rows()
@@ -234,6 +236,9 @@ class StageRun:
                 f"({self.world.world_size} ranks x {self.cfg.train.per_device_batch_size} x {self.cfg.train.grad_accum}); "
                 "use a smaller batch or more data"
             )
+        if self._universal() and "optimizer" in ds_json:
+            # Resuming at another world size: DeepSpeed loads the universal form of the checkpoint.
+            ds_json = {**ds_json, "checkpoint": {**ds_json.get("checkpoint", {}), "load_universal": True}}
         with zero3_loading(ds_json):
             model = build_model()
         t = self.cfg.train
@@ -248,9 +253,22 @@ class StageRun:
         self.stop.install()  # from here on a signal stops at the next step boundary, with a checkpoint
         if self.resume_from is None:
             return
-        loaded = LoopState.from_dict(load_checkpoint(engines, self.resume_from))
+        engine_dir = None
+        if self._universal():
+            engine_dir = universal_checkpoint(self.resume_from, sorted(engines), self._old_world)
+        loaded = LoopState.from_dict(load_checkpoint(engines, self.resume_from, engine_dir=engine_dir))
         loaded.fingerprint = self.state.fingerprint
         loaded.run_id = self.state.run_id
+        if self._universal():
+            # The data position in micro-batches of this run's shape: the same samples consumed.
+            before = read_loop_state(self.resume_from)["fingerprint"]["config"]
+            field_name = "position" if hasattr(loaded, "position") else "micro_in_epoch"  # micro-batches
+            consumed = getattr(loaded, field_name) * self._old_world * before["train.per_device_batch_size"]
+            per_micro = self.world.world_size * self.cfg.train.per_device_batch_size
+            setattr(loaded, field_name, consumed // per_micro)
+            log.warning("resume: %d ranks -> %d through DeepSpeed's universal checkpoint; %d samples of epoch %d "
+                        "consumed", self._old_world, self.world.world_size, consumed, loaded.epoch)
+            self.tracker.set_tags({"resumed.world_size": f"{self._old_world}->{self.world.world_size}"})
         self.state = loaded
         for engine in engines.values():
             recompute_schedule(engine)
@@ -296,3 +314,31 @@ def recompute_schedule(engine) -> None:
         group["initial_lr"] = new_lr
         group["lr"] = new_lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def universal_checkpoint(checkpoint: Path, engines: list[str], old_world: int) -> Path:
+    """`<checkpoint>/universal/<engine>`: each engine's ZeRO state in DeepSpeed's universal format,
+    converted on first use (ds_to_universal, on rank 0; written aside and renamed). Collective."""
+    root = checkpoint / "universal"
+    if dist.is_main_process():
+        for name in engines:
+            target = root / name
+            if (target / "zero").is_dir():
+                continue
+            import argparse
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            partial = root / f".partial-{name}"
+            shutil.rmtree(partial, ignore_errors=True)
+            log.warning("converting %s (written by %d ranks) to DeepSpeed's universal checkpoint in %s",
+                        checkpoint / name, old_world, target)
+            with contextlib.redirect_stdout(io.StringIO()) as printed:  # it prints its progress
+                ds_to_universal(argparse.Namespace(
+                    input_folder=str(checkpoint / name), output_folder=str(partial), num_extract_workers=1,
+                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            log.debug("ds_to_universal: %s", printed.getvalue())
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+    dist.barrier()
+    return root
