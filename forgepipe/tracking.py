@@ -137,10 +137,24 @@ class Tracker:
         if not tracker.enabled:
             return tracker
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         uri = resolve_tracking_uri(uri)
         mlflow.set_tracking_uri(uri)
+        try:
+            return cls._open(tracker, uri, experiment, run_name, run_id, parent_run_id, tags, world)
+        except Exception as exc:
+            from forgepipe.errors import ForgeError
+
+            if isinstance(exc, ForgeError):
+                raise
+            # An unusable store (read-only, corrupt, a server that went away): one line, not a traceback.
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ForgeError(f"--tracking-uri: {uri}: {first}") from None
+
+    @classmethod
+    def _open(cls, tracker, uri, experiment, run_name, run_id, parent_run_id, tags, world) -> Tracker:
+        from mlflow.tracking import MlflowClient
+
         with store_lock(uri):
             # Several runs starting at once on a fresh store would race on creating its schema (and
             # on creating the experiment): the first open happens under a file lock.
