@@ -72,7 +72,7 @@ def preflight(configs: dict[str, Config]) -> None:
 def _finished(cfg: Config) -> str | None:
     """The model a stage already exported (its run file), unless resuming is off."""
     run_file = Path(cfg.output_dir) / RUN_FILE
-    if cfg.train.resume == "never" or not run_file.is_file():
+    if cfg.train.resume == "never" or cfg.overwrite or not run_file.is_file():
         return None
     return json.loads(run_file.read_text())["model_dir"]
 
@@ -92,7 +92,7 @@ def run_pipeline(configs: dict[str, Config]) -> str:
         preflight(configs)
         state_file = root / PIPELINE_FILE
         previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        resume = configs["sft"].train.resume != "never"
+        resume = configs["sft"].train.resume != "never" and not configs["sft"].overwrite
         first = configs["sft"]
         tracker = Tracker.start(world=world, uri=first.tracking.uri, experiment=first.tracking.experiment,
                                 run_name=first.tracking.run_name or f"pipeline-{root.name}",
