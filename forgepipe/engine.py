@@ -5,17 +5,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from functools import partial
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from forgepipe.loop import lr_factor
-
 log = logging.getLogger(__name__)
 
 NO_DECAY = ("bias", "norm", "layernorm", "ln_f")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @contextlib.contextmanager

@@ -34,17 +34,7 @@ EXIT_PREEMPTED = 85  # the batch scripts resubmit a job that ended with this sta
 
 
 # ---------------------------------------------------------------------------
-# Pure helpers: schedule and data order
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+# Pure helpers: data order and sharding
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

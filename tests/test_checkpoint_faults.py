@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE_PAIRS, child_env, metric_values, mlflow_run
 
-from forgepipe.loop import lr_factor
+from forgepipe.engine import lr_factor
 
 pytestmark = pytest.mark.slow
 

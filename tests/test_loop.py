@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from forgepipe.engine import lr_factor
 from forgepipe.loop import (
     LoopSettings,
     checkpoint_due,
     epoch_order,
     eval_batches,
-    lr_factor,
     micro_batches_per_rank,
     rank_batches,
     total_steps,
