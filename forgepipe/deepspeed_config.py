@@ -204,6 +204,25 @@ def _zero_block(
     return zero
 
 
+def _optimizer_block(cfg: Config, lr: float | None) -> dict[str, Any]:
+    """AdamW: DeepSpeed's fused GPU kernel (or host Adam with offload) unless `torch_adam` (CPU/CI)."""
+    return {"type": "AdamW", "params": {"lr": cfg.train.lr if lr is None else lr,
+                                        "weight_decay": cfg.train.weight_decay,
+                                        "torch_adam": cfg.deepspeed.torch_adam}}
+
+
+def _profiler_block(cfg: Config) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "profile_step": cfg.deepspeed.profile_step,
+        "module_depth": -1,
+        "top_modules": 1,
+        "detailed": False,
+        # Into the output directory (logged to MLflow at the end), not the job's stdout.
+        "output_file": str(Path(cfg.output_dir) / PROFILE_FILE) if cfg.output_dir else None,
+    }
+
+
 def build_ds_config(
     cfg: Config,
     world: World,
@@ -249,24 +268,9 @@ def build_ds_config(
     }
     if train:
         out["gradient_clipping"] = t.grad_clip
-        out["optimizer"] = {
-            "type": "AdamW",
-            "params": {
-                "lr": t.lr if lr is None else lr,
-                "weight_decay": t.weight_decay,
-                "torch_adam": ds.torch_adam,
-            },
-        }
+        out["optimizer"] = _optimizer_block(cfg, lr)
     if ds.flops_profiler:
-        out["flops_profiler"] = {
-            "enabled": True,
-            "profile_step": ds.profile_step,
-            "module_depth": -1,
-            "top_modules": 1,
-            "detailed": False,
-            # Into the output directory (logged to MLflow at the end), not the job's stdout.
-            "output_file": str(Path(cfg.output_dir) / PROFILE_FILE) if cfg.output_dir else None,
-        }
+        out["flops_profiler"] = _profiler_block(cfg)
     if hybrid_engine:
         out["hybrid_engine"] = {
             "enabled": True,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import save_checkpoint
 from forgepipe.distributed import World
+from forgepipe.errors import ForgeError
 from forgepipe.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -299,19 +300,15 @@ def train_loop(
     stop: StopRequest | None = None,
     count_tokens: Callable[[dict[str, torch.Tensor]], int] = lambda b: int(b["attention_mask"].sum()),
 ) -> LoopState:
-    """Run (or continue) supervised training until `total_steps`; returns the final state.
-
-    One unit is one micro-batch: collate on the host, count its real tokens there, copy to the
-    device, forward, backward, and let DeepSpeed step at the accumulation boundary."""
+    """Run (or continue) supervised training until `total_steps`; returns the final state. One unit
+    is a micro-batch: collated and its real tokens counted on the host, then copied to the device,
+    forward, backward, and DeepSpeed steps at the accumulation boundary."""
     s = settings
     steps_total = total_steps(len(train_data), world.world_size, s)
     if steps_total == 0:
-        from forgepipe.errors import ForgeError
-
         raise ForgeError(
             f"--per-device-batch-size: {len(train_data)} training samples are fewer than one optimizer step "
-            f"({world.world_size} ranks x {s.micro_batch} x {s.grad_accum}); use a smaller batch or more data"
-        )
+            f"({world.world_size} ranks x {s.micro_batch} x {s.grad_accum}); use a smaller batch or more data")
     device = engine.device
     window = MetricWindow(device)
 
