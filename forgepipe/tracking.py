@@ -72,10 +72,12 @@ def environment_tags(world: World) -> dict[str, str]:
 
     from forgepipe import __version__
 
+    # The image's own name first: APPTAINER_CONTAINER is the path it ran from (a node-local copy
+    # when the job stages it), which says little once the job is gone.
     image = (
-        os.environ.get("APPTAINER_CONTAINER")
+        os.environ.get("FORGEPIPE_IMAGE")
+        or os.environ.get("APPTAINER_CONTAINER")
         or os.environ.get("SINGULARITY_CONTAINER")
-        or os.environ.get("FORGEPIPE_IMAGE")
         or ""
     )
     tags = {
@@ -94,9 +96,12 @@ def environment_tags(world: World) -> dict[str, str]:
     }
     if torch.cuda.is_available():
         tags["gpu_name"] = torch.cuda.get_device_name(0)
+        tags["gpu_kind"] = os.environ.get("FORGEPIPE_GPU_KIND") or ("amd" if torch.version.hip else "nvidia")
         tags["hip_version" if torch.version.hip else "cuda_version"] = str(torch.version.hip or torch.version.cuda)
     if image:
         tags["container_image"] = image
+    if os.environ.get("FORGEPIPE_IMAGE_BUILD"):
+        tags["image_build"] = os.environ["FORGEPIPE_IMAGE_BUILD"]  # base, digest, torch, ROCm/CUDA, arch
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
