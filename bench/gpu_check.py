@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     info = device_summary()
     device = "cuda" if gpu else "cpu"
     peak = measure_peak_tflops(device)
-    print(f"gpu-check: {info['device']} x{max(1, info['gpus'])}, bf16 peak {peak:.1f} TFLOP/s, size {args.size}",
+    print(f"gpu-check: {info['device']} x{max(1, info['gpus'])}, bf16 peak {fmt(peak)} TFLOP/s, size {args.size}",
           flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="forgepipe-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
