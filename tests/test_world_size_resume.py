@@ -52,12 +52,9 @@ def test_resume_at_another_world_size_continues_the_loss_curve(zero, tiny_model,
     got = metric_values(client, chain.info.run_id, "train/loss")
     want = metric_values(ref_client, reference.info.run_id, "train/loss")
     assert len(got) == len(want) == 12  # one run, no step logged twice
-    # Up to the first step after the first resume the losses are the uninterrupted run's: weights
-    # and data position were restored exactly. After it, ZeRO-2 stays within float noise; ZeRO-3
-    # drifts slightly (README, known limits: ~0.2% of the loss after 8 steps, mostly in rows of the
-    # input embedding whose Adam second moment is near zero).
-    assert got[:5] == pytest.approx(want[:5], rel=1e-6)
-    assert got == pytest.approx(want, rel=1e-5 if zero == 2 else 5e-3)
+    # Float noise only. (Before stages/common.py unshared the Adam step tensors that DeepSpeed's
+    # ZeRO-3 universal load gives all parameter groups, ZeRO-3 drifted by ~0.2% after 8 steps.)
+    assert got == pytest.approx(want, rel=1e-5)
     assert chain.data.tags["resumed.world_size"] == "2->1"
 
     from safetensors.torch import load_file
@@ -65,4 +62,4 @@ def test_resume_at_another_world_size_continues_the_loss_curve(zero, tiny_model,
     a, b = load_file(out / "model" / "model.safetensors"), load_file(ref / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-4 if zero == 2 else 1e-2), name
+        assert torch.allclose(a[name], b[name], atol=1e-4), name

@@ -257,6 +257,9 @@ class StageRun:
         if self._universal():
             engine_dir = universal_checkpoint(self.resume_from, sorted(engines), self._old_world)
         loaded = LoopState.from_dict(load_checkpoint(engines, self.resume_from, engine_dir=engine_dir))
+        if self._universal():
+            for engine in engines.values():
+                unshare_optimizer_steps(engine)
         loaded.fingerprint = self.state.fingerprint
         loaded.run_id = self.state.run_id
         if self._universal():
@@ -342,3 +345,13 @@ def universal_checkpoint(checkpoint: Path, engines: list[str], old_world: int) -
             partial.rename(target)
     dist.barrier()
     return root
+
+
+def unshare_optimizer_steps(engine) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group's Adam state the same
+    `step` tensor object; torch's Adam increments it in place once per group, so the step count
+    (and the bias correction) would run ahead. Each group gets its own copy."""
+    inner = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        if isinstance(state, dict) and torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
