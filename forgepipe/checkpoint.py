@@ -72,6 +72,8 @@ def _disk_full(exc: BaseException, path: Path) -> bool:
     """Whether a failed write ran out of space (torch reports it as a RuntimeError, not ENOSPC)."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):  # safetensors' own error type
+        return True
     try:
         existing = next(p for p in [path, *path.parents] if p.exists())
         return shutil.disk_usage(existing).free < 1 << 20
@@ -86,7 +88,7 @@ def _collective_write(what: str, path: Path, write: Callable[[], None], cleanup:
     error: BaseException | None = None
     try:
         write()
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure on one rank must reach every rank
         error = exc
     failed = all_reduce_sum([1.0 if error is not None else 0.0])[0]
     if not failed:

@@ -118,25 +118,34 @@ def test_extending_a_finished_run_honours_max_steps_and_lr(finished, tiny_model,
     assert json.loads((out / "forgepipe-run.json").read_text())["steps"] == 8
 
 
+FULL_DISK = {  # what fills the disk -> (tmpfs size, extra args, what was being written, the checkpoint kept)
+    "at a checkpoint": ("6m", ["--save-every", "1"], "checkpoint step-00000002", "step-00000001"),
+    "at the export": ("4400k", ["--max-steps", "2"], "the model export", "step-00000002"),
+}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tiny_model, data, tmp_path):
+@pytest.mark.parametrize("case", list(FULL_DISK))
+def test_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(case, tiny_model, data, tmp_path):
+    size, extra, writing, kept = FULL_DISK[case]
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True)
     try:
         out = disk / "sft"
-        proc = cli(sft_args(tiny_model, data, out, tmp_path / "mlflow.db", "--save-every", "1", "--keep-last", "1",
-                            "--cache-dir", str(tmp_path / "cache")))
+        proc = cli(sft_args(tiny_model, data, out, tmp_path / "mlflow.db", "--keep-last", "1",
+                            "--cache-dir", str(tmp_path / "cache"), *extra))
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("forgepipe: error:")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert f"no space left on {out}/checkpoints while writing checkpoint step-00000002" in errors[0]
-        assert f"the last complete checkpoint is kept: {out}/checkpoints/step-00000001" in errors[0]
+        assert "no space left on " in errors[0] and f"while writing {writing}" in errors[0], errors[0]
+        assert f"the last complete checkpoint is kept: {out}/checkpoints/{kept}" in errors[0]
         root = out / "checkpoints"
-        assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
-        assert json.loads((root / "latest").read_text()) == {"tag": "step-00000001"}
+        assert sorted(p.name for p in root.iterdir()) == ["latest", kept]
+        assert json.loads((root / "latest").read_text()) == {"tag": kept}
+        assert not (out / "model.partial").exists() and not (out / "model").exists()
         from forgepipe.checkpoint import verify_checkpoint
 
-        assert verify_checkpoint(root / "step-00000001") is None
+        assert verify_checkpoint(root / kept) is None
     finally:
         subprocess.run(["umount", str(disk)], check=False)
