@@ -222,8 +222,31 @@ def check_tracking(uri: str | None) -> None:
         except OSError as exc:
             raise ForgeError(f"--tracking-uri: {uri} is unreachable ({exc.strerror or type(exc).__name__}, "
                              f"waited {TRACKING_TIMEOUT_S:g} s)") from None
+        check_mlflow_server(uri)
     elif parsed.scheme in ("", "file"):
         check_writable_dir(Path(parsed.path or uri), "--tracking-uri")
+
+
+def check_mlflow_server(uri: str) -> None:
+    """An MLflow tracking server answers GET /health with 200 (MLflow's client would otherwise retry
+    for minutes before failing). Servers behind authentication (credentials in the environment)
+    are left to MLflow."""
+    import urllib.error
+    import urllib.request
+
+    if any(os.environ.get(k) for k in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "DATABRICKS_TOKEN")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=TRACKING_TIMEOUT_S) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"--tracking-uri: {uri} does not answer ({getattr(exc, 'reason', exc)}, "
+                         f"waited {TRACKING_TIMEOUT_S:g} s)") from None
+    if status != 200:
+        raise ForgeError(f"--tracking-uri: {uri} is not an MLflow tracking server (GET /health: HTTP {status})")
 
 
 # ---------------------------------------------------------------------------

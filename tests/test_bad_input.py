@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,32 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SERVERS: list[subprocess.Popen] = []
+
+
+def plain_http_server(directory: Path) -> int:
+    """A static file server (answers 404 to MLflow's API), stopped when the module's tests end."""
+    port = closed_port()
+    SERVERS.append(subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                     "--directory", str(directory)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL))
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the test web server did not start")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_servers():
+    yield
+    for server in SERVERS:
+        server.terminate()
+        server.wait()
 
 
 def reward_export(tiny_model: Path, out: Path) -> Path:
@@ -115,6 +142,9 @@ CASES: dict[str, tuple[str, object, str]] = {
     "unreachable tracking server, in seconds": (
         "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--tracking-uri", f"http://127.0.0.1:{closed_port()}"],
         "is unreachable"),
+    "a web server that is no MLflow tracking server": (
+        "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--tracking-uri", f"http://127.0.0.1:{plain_http_server(d)}"],
+        "is not an MLflow tracking server (GET /health: HTTP 404)"),
     "--resume of a directory that is no checkpoint": (
         "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--resume", str(write(d / "ck" / "x", "") and d / "ck")],
         "--resume: {d}/ck is not a complete forgepipe checkpoint"),
