@@ -102,7 +102,6 @@ PPO_OPTIONS: list[tuple[str, str, str]] = [
     ("--unsupervised-data", "data.unsupervised_sources", "{text} documents for the unsupervised term (repeatable)."),
     ("--ptx-coef", "ppo.ptx_coef", "Unsupervised loss coefficient (0: off)."),
     ("--ema", "ppo.ema", "EMA decay of the actor for export (0: off)."),
-    ("--hybrid-engine/--no-hybrid-engine", "ppo.hybrid_engine", "DeepSpeed hybrid engine (GPU only)."),
 ]
 
 REPEATABLE = {"data.sources", "data.unsupervised_sources"}

@@ -49,7 +49,7 @@ class DataConfig:
     max_seq_len: int = 512
     max_prompt_len: int = 256  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
     packing: bool = False  # pack several short SFT samples into one sequence
-    cache_dir: str | None = None  # tokenized cache; default: <output_dir>/../.forgepipe-cache
+    cache_dir: str | None = None  # tokenized cache; default: <output_dir>/.cache
     unsupervised_sources: list[str] = field(default_factory=list)  # {text} documents for PPO-ptx
     max_dropped_fraction: float = 0.1  # a source losing more of its rows (no format fits) is an error
     eval_max_samples: int = 2000  # held-out rows evaluated at most (0: all)
@@ -146,7 +146,6 @@ class PPOConfig:
     whiten_advantages: bool = True
     ptx_coef: float = 0.0  # unsupervised loss coefficient (needs data.unsupervised_sources)
     ema: float = 0.0  # EMA decay of the actor for export; 0 disables
-    hybrid_engine: bool = False
     gather_for_generation: bool = True  # gather ZeRO-3 params once per generation batch
 
 
@@ -389,6 +388,8 @@ def validate(cfg: Config) -> None:
         p = cfg.ppo
         if p.max_new_tokens < 1:
             raise ForgeError(f"--max-new-tokens: must be at least 1, got {p.max_new_tokens}")
+        if p.ppo_epochs < 1:
+            raise ForgeError(f"--ppo-epochs: must be at least 1, got {p.ppo_epochs}")
         if cfg.data.max_prompt_len + p.max_new_tokens > cfg.data.max_seq_len:
             raise ForgeError(
                 f"--max-prompt-len ({cfg.data.max_prompt_len}) + --max-new-tokens ({p.max_new_tokens}) "

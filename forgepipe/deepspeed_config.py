@@ -110,11 +110,8 @@ def validate_static(cfg: Config) -> None:
             raise ForgeError(f"--critic-lr: must be positive, got {p.critic_lr}")
 
 
-def validate_launch(cfg: Config, world: World, *, has_gpu: bool, model_type: str | None = None) -> None:
-    """Refuse settings that the launched world or the hardware cannot run. One-line ForgeError.
-
-    `model_type` is the Hugging Face config's model_type when known (e.g. "gpt_neox").
-    """
+def validate_launch(cfg: Config, world: World, *, has_gpu: bool) -> None:
+    """Refuse settings that the launched world or the hardware cannot run. One-line ForgeError."""
     ds = cfg.deepspeed
     if world.world_size < 1 or world.local_world_size < 1:
         raise ForgeError(f"launcher: bad world (world size {world.world_size}, ranks per node {world.local_world_size})")
@@ -134,17 +131,6 @@ def validate_launch(cfg: Config, world: World, *, has_gpu: bool, model_type: str
             f"{option}: ZeRO++ quantized weights/gradients (qwZ/qgZ) are not implemented on the CPU backend; "
             "run on GPUs or turn off --zeropp / use --hpz-size only"
         )
-    if cfg.stage == "ppo" and cfg.ppo.hybrid_engine:
-        if not has_gpu:
-            raise ForgeError(
-                "--hybrid-engine: DeepSpeed's hybrid engine needs a GPU (its inference kernels do not exist on CPU); "
-                "drop --hybrid-engine"
-            )
-        if model_type == "gpt_neox":
-            raise ForgeError(
-                "--hybrid-engine: DeepSpeed's GPT-NeoX policy does not match transformers>=5 GPTNeoXAttention "
-                "(no hidden_size attribute); drop --hybrid-engine for GPT-NeoX/FORGE models"
-            )
 
 
 # ---------------------------------------------------------------------------
@@ -232,7 +218,6 @@ def build_ds_config(
     offload: str | None = None,
     train: bool = True,
     lr: float | None = None,
-    hybrid_engine: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON for one engine.
 
@@ -241,7 +226,7 @@ def build_ds_config(
     process, so a second ZeRO-3 engine with hpZ fails ("ZeRO parameter intra parallel group is already
     initialized", DeepSpeed issues 4901/7066). train=False: a frozen model (no optimizer, no gradient
     keys); stages 1-2 mean nothing without an optimizer and become stage 0, stage 3 stays (ZeRO-3
-    inference), and offload moves only stage-3 parameters. hybrid_engine: PPO's actor generation.
+    inference), and offload moves only stage-3 parameters.
     """
     ds = cfg.deepspeed
     t = cfg.train
@@ -271,15 +256,6 @@ def build_ds_config(
         out["optimizer"] = _optimizer_block(cfg, lr)
     if ds.flops_profiler:
         out["flops_profiler"] = _profiler_block(cfg)
-    if hybrid_engine:
-        out["hybrid_engine"] = {
-            "enabled": True,
-            "max_out_tokens": cfg.data.max_seq_len,
-            "inference_tp_size": 1,
-            "release_inference_cache": False,
-            "pin_parameters": True,
-            "tp_gather_partition_size": 8,
-        }
     return out
 
 

@@ -509,10 +509,21 @@ def check_shown(cfg: Config) -> None:
     check_data(cfg, required=False)
 
 
+def finished_stage(cfg: Config) -> str | None:
+    """The model a stage already exported (its run file), unless resuming is off: a pipeline skips
+    that stage, whatever the world size or options of this launch."""
+    run_file = Path(cfg.output_dir) / RUN_FILE
+    if cfg.train.resume == "never" or cfg.overwrite or not run_file.is_file():
+        return None
+    return json.loads(run_file.read_text())["model_dir"]
+
+
 def check_pipeline(configs: dict[str, Config]) -> None:
-    """The pipeline: sft and reward in full; ppo's models are the exports of the first two stages."""
-    check_run(configs["sft"])
-    check_run(configs["reward"])
+    """The pipeline: sft and reward in full (unless finished); ppo's models are the exports of the
+    first two stages."""
+    for stage in ("sft", "reward"):
+        if not finished_stage(configs[stage]):
+            check_run(configs[stage])
     ppo = configs["ppo"]
     check_output_dir(ppo)
     check_data(ppo)

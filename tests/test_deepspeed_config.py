@@ -123,18 +123,13 @@ def test_quantization_needs_gpu():
                     World(world_size=2, local_world_size=2), has_gpu=False)
 
 
-def test_hybrid_engine_needs_gpu_and_not_neox():
-    cfg = make("ppo")
-    cfg.ppo.hybrid_engine = True
-    with pytest.raises(ForgeError, match="^--hybrid-engine: DeepSpeed's hybrid engine needs a GPU"):
-        validate_launch(cfg, World(), has_gpu=False)
-    with pytest.raises(ForgeError, match="^--hybrid-engine: .*GPT-NeoX"):
-        validate_launch(cfg, World(), has_gpu=True, model_type="gpt_neox")
-    validate_launch(cfg, World(), has_gpu=True, model_type="llama")
+def test_the_hybrid_engine_is_gone():
+    """Refused everywhere, it was a flag, a field, a JSON block and checks for nothing: removed."""
+    from forgepipe.config import PPOConfig
 
-
-# ---------------------------------------------------------------------------
-# build_ds_config
+    assert "hybrid_engine" not in PPOConfig.__dataclass_fields__
+    cfg = build_config("ppo", overrides={"deepspeed.zero_stage": 3})
+    assert "hybrid_engine" not in build_ds_config(cfg, World())
 
 
 def test_batch_arithmetic_and_basics():

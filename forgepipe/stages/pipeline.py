@@ -15,7 +15,7 @@ from typing import Any
 from forgepipe import distributed as dist
 from forgepipe.config import STAGES, Config, build_config, load_yaml
 from forgepipe.errors import ForgeError
-from forgepipe.stages.common import RUN_FILE
+from forgepipe.preflight import finished_stage
 from forgepipe.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,6 @@ def preflight(configs: dict[str, Config]) -> None:
                         max_dropped_fraction=cfg.data.max_dropped_fraction)
 
 
-def _finished(cfg: Config) -> str | None:
-    """The model a stage already exported (its run file), unless resuming is off."""
-    run_file = Path(cfg.output_dir) / RUN_FILE
-    if cfg.train.resume == "never" or cfg.overwrite or not run_file.is_file():
-        return None
-    return json.loads(run_file.read_text())["model_dir"]
-
-
 def run_pipeline(configs: dict[str, Config]) -> str:
     from forgepipe.stages.ppo.trainer import run_ppo
     from forgepipe.stages.reward import run_reward
@@ -106,7 +98,7 @@ def run_pipeline(configs: dict[str, Config]) -> str:
         parent_id = dist.broadcast_object(tracker.run_id)
         model_dir = ""
         for stage in STAGES:
-            model_dir = _finished(configs[stage])
+            model_dir = finished_stage(configs[stage])
             if model_dir:
                 log.info("stage %s already finished: %s", stage, model_dir)
                 continue

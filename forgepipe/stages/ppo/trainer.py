@@ -23,11 +23,11 @@ from forgepipe.config import Config
 from forgepipe.data import load_stage_data, load_text_data
 from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
-from forgepipe.deepspeed_config import build_ds_config, validate_launch
+from forgepipe.deepspeed_config import build_ds_config
 from forgepipe.errors import ForgeError
 from forgepipe.loop import drive, epoch_order, memory_metrics, rank_batches
 from forgepipe.models.catalog import resolve_model
-from forgepipe.models.load import LoraSettings, hf_from_pretrained, load_causal_lm, load_tokenizer
+from forgepipe.models.load import LoraSettings, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
 from forgepipe.stages.common import MODEL_SUBDIR, StageRun, loop_settings, resolve_stage_output
 from forgepipe.stages.ppo.experience import (
@@ -282,14 +282,6 @@ def prepare_inputs(cfg: Config, run: StageRun) -> PPOInputs:
     if not has_scalar_head(reward_path):
         raise ForgeError(f"--reward: {reward_path} is not a reward model export (no scalar head); "
                          "give the output of `forgepipe reward`")
-    from transformers import AutoConfig
-
-    actor_config = hf_from_pretrained(AutoConfig.from_pretrained, actor_path, "model config",
-                                      trust_remote_code=cfg.model.trust_remote_code)
-    validate_launch(cfg, world, has_gpu=torch.cuda.is_available(), model_type=actor_config.model_type)
-    if p.hybrid_engine:
-        raise ForgeError("--hybrid-engine: not supported by forgepipe's PPO loop yet; drop --hybrid-engine "
-                         "(ZeRO-3 generation gathers the actor once per batch instead)")
     tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left",
                                trust_remote_code=cfg.model.trust_remote_code)
     reward_tokenizer = load_tokenizer(reward_path)
