@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 .PHONY: install
 install: $(VENV)/.installed ## Create .venv and install forgepipe with pinned (CPU) torch and dev tools
 
-.PHONY: test
-test: install ## Run the whole test suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+.PHONY: test test-all
+test: install ## The fast tests (not the multi-process, end-to-end and Slurm ones): a few minutes
+	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+test-all: install ## The whole suite, slow and Slurm tests included (what CI runs; ~25 min on 2 cores)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 .PHONY: demo
 demo: install ## Fine-tune a tiny GPT-NeoX on the bundled sample (CPU), logging to ./mlruns
