@@ -15,6 +15,7 @@ from typing import Any
 from forgepipe import distributed as dist
 from forgepipe.config import STAGES, Config, build_config, load_yaml
 from forgepipe.errors import ForgeError
+from forgepipe.loop import Preempted
 from forgepipe.preflight import finished_stage
 from forgepipe.tracking import Tracker, write_json_atomic
 
@@ -107,7 +108,7 @@ def run_pipeline(configs: dict[str, Config]) -> str:
         status = "FINISHED"
         return model_dir
     except BaseException as exc:
-        status = "KILLED" if type(exc).__name__ == "Preempted" else "FAILED"
+        status = "KILLED" if isinstance(exc, Preempted) else "FAILED"
         raise
     finally:
         tracker.finish(status)
