@@ -19,14 +19,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from forgepipe.config import STAGES, Config, parse_split
+from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
 
 RUN_FILE = "forgepipe-run.json"  # also stages/common.py
 CHECKPOINT_DIR = "checkpoints"
 LOOP_STATE = "loop_state.json"
 MODEL_SUBDIR = "model"
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-PARQUET_SUFFIXES = (".parquet",)
 FULL_SCAN_BYTES = 256 << 20  # larger JSON files: only their first SCAN_LINES lines are read here
 SCAN_LINES = 1000
 TRACKING_TIMEOUT_S = 3.0
@@ -333,14 +332,6 @@ def check_models(cfg: Config) -> None:
 # Data files
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (*JSON_SUFFIXES, *PARQUET_SUFFIXES):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
-
-
 def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file (gzip too); a non-UTF-8 line is a ForgeError."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -411,15 +402,13 @@ def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = (
     if path.is_dir():
         return None  # a saved data set: datasets reads it (and says what is wrong) in the stage
     if not path.exists():
-        local = source.startswith(("/", "./", "../", "~")) or _suffix(path) in (*JSON_SUFFIXES, *PARQUET_SUFFIXES) \
-            or source.count("/") > 1
-        if local:
+        if looks_like_path(source):
             raise ForgeError(f"data source '{source}': file not found")
         if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ForgeError(f"data source '{source}': not a local file or directory, and the Hub is off "
                              "(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)")
         return None
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix in PARQUET_SUFFIXES:
         return None
     if suffix not in JSON_SUFFIXES:

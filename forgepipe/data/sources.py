@@ -16,27 +16,8 @@ from pathlib import Path
 
 import datasets
 
+from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
-
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-PARQUET_SUFFIXES = (".parquet",)
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (*JSON_SUFFIXES, *PARQUET_SUFFIXES):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
-
-
-def _looks_like_path(source: str) -> bool:
-    """A string the user meant as a local path (so a miss is 'not found', not a Hub lookup)."""
-    return (
-        source.startswith(("/", "./", "../", "~"))
-        or _suffix(Path(source)) in (*JSON_SUFFIXES, *PARQUET_SUFFIXES)
-        or source.count("/") > 1
-    )
 
 
 def find_bad_json_line(path: Path) -> str | None:
@@ -123,7 +104,7 @@ def load_source(source: str) -> datasets.Dataset:
     if path.is_dir():
         return _load_saved(path)
     if path.is_file():
-        suffix = _suffix(path)
+        suffix = file_suffix(path)
         if suffix in JSON_SUFFIXES:
             return _load_json(path)
         if suffix in PARQUET_SUFFIXES:
@@ -132,6 +113,6 @@ def load_source(source: str) -> datasets.Dataset:
             f"data source '{source}': unknown file type {suffix or '(none)'} "
             f"(expected .jsonl, .json, .parquet, .jsonl.gz, .json.gz)"
         )
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise ForgeError(f"data source '{source}': file not found")
     return _load_hub(source)
