@@ -320,7 +320,6 @@ def train_loop(
         batch = collate([train_data[i] for i in indices])
         tokens = count_tokens(batch)  # on the host, before the copy
         batch = to_device(batch, device)
-        engine.train()
         boundary = engine.is_gradient_accumulation_boundary()
         loss, metrics = loss_fn(engine, batch)
         engine.backward(loss)
@@ -341,7 +340,9 @@ def train_loop(
 
     def evaluate_and_log(step: int) -> None:
         tracker.log_metrics(evaluate(engine), step=step)
+        engine.train()  # evaluation leaves the model in eval mode
 
+    engine.train()  # once, not per micro-batch: only an evaluation changes the mode
     return drive(state=state, total=steps_total, units=units, run_unit=run_unit, log=log,
                  evaluate=evaluate_and_log if evaluate else None,
                  checkpoint=lambda: save_checkpoint({"model": engine}, output_dir, f"step-{state.step:08d}",
