@@ -3,7 +3,16 @@
 import datasets
 import torch
 
-from forgepipe.data.collate import PairCollator, PromptCollator, SFTCollator, pack_sequences
+from forgepipe.data.collate import (
+    PairCollator,
+    PromptCollator,
+    SFTCollator,
+    length_grouped_order,
+    pack_sequences,
+    padding_stats,
+    sample_lengths,
+)
+from forgepipe.loop import epoch_order, rank_batches
 
 PAD = 0
 
@@ -71,3 +80,52 @@ def test_position_ids_are_padded_with_the_batch():
     ])
     assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 0]]
     assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+
+
+def _lengths(n=203, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 250, (n,), generator=g).tolist()
+
+
+def test_length_grouped_order_is_a_permutation_and_deterministic():
+    lengths = _lengths()
+    order = length_grouped_order(lengths, batch_size=4, seed=7, epoch=0, mega_batches=8)
+    assert sorted(order) == list(range(len(lengths)))
+    assert order == length_grouped_order(lengths, batch_size=4, seed=7, epoch=0, mega_batches=8)
+    assert order != length_grouped_order(lengths, batch_size=4, seed=7, epoch=1, mega_batches=8)
+
+
+def test_length_grouped_order_resumes_by_position():
+    """A resumed run recomputes the epoch's order from (seed, epoch) and skips what it consumed:
+    the batches after the resume point are those the uninterrupted run would have seen."""
+    lengths = _lengths()
+    whole = rank_batches(length_grouped_order(lengths, 4, seed=3, epoch=2), 0, 1, 4, 1)
+    again = rank_batches(length_grouped_order(list(lengths), 4, seed=3, epoch=2), 0, 1, 4, 1)
+    assert again[17:] == whole[17:]
+
+
+def test_length_grouped_order_cuts_padding():
+    lengths = _lengths(n=400)
+    grouped = rank_batches(length_grouped_order(lengths, 4, seed=1, epoch=0), 0, 1, 4, 1)
+    shuffled = rank_batches(epoch_order(len(lengths), 1, 0), 0, 1, 4, 1)
+    real_g, computed_g = padding_stats(grouped, lengths)
+    real_s, computed_s = padding_stats(shuffled, lengths)
+    assert real_g == real_s  # the same samples (a whole number of batches of 400)
+    assert computed_g < 0.8 * computed_s
+    assert padding_stats(grouped, lengths, pad_to=256)[1] == len(grouped) * 4 * 256
+
+
+def test_length_grouped_batches_span_the_ranks():
+    """With 2 ranks the global micro-batch (8 rows) is the group: both ranks' rows are alike."""
+    lengths = [10] * 8 + [200] * 8 + [11] * 8 + [190] * 8
+    order = length_grouped_order(lengths, batch_size=8, seed=0, epoch=0)
+    for rank in (0, 1):
+        for batch in rank_batches(order, rank, 2, 4, 1):
+            assert max(lengths[i] for i in batch) - min(lengths[i] for i in batch) <= 10
+
+
+def test_sample_lengths_of_pairs_and_sft_rows():
+    sft = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4]], "labels": [[1, 2, 3], [4]]})
+    pairs = datasets.Dataset.from_dict({"chosen_input_ids": [[1, 2]], "rejected_input_ids": [[3, 4, 5]]})
+    assert sample_lengths(sft) == [3, 1]
+    assert sample_lengths(pairs) == [5]

@@ -4,6 +4,9 @@
 - PairCollator: the B chosen rows then the B rejected rows in one [2B, L] batch (one forward pass),
   right-padded; the reward model reads each score at the row's last attended token.
 - PromptCollator: left padding, so every prompt ends where generation starts.
+
+Dynamic padding wastes what the batch's shortest rows lack; `length_grouped_order` puts samples of
+similar length into the same micro-batch so that little padding is left to compute.
 """
 
 from __future__ import annotations
@@ -118,6 +121,48 @@ def _pack_batch(batch: dict[str, list], max_seq_len: int) -> dict[str, list]:
         positions.extend(range(len(row_ids)))
     flush()
     return out
+
+
+def sample_lengths(ds: datasets.Dataset) -> list[int]:
+    """Tokens per sample of a tokenized dataset: both sides of a pair, the ids of anything else."""
+    if "chosen_input_ids" in ds.column_names:
+        return [len(c) + len(r) for c, r in zip(ds["chosen_input_ids"], ds["rejected_input_ids"], strict=True)]
+    column = "input_ids" if "input_ids" in ds.column_names else "prompt_input_ids"
+    return [len(ids) for ids in ds[column]]
+
+
+def length_grouped_order(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, mega_batches: int = 64
+) -> list[int]:
+    """An epoch's sample order in which each run of `batch_size` samples has similar lengths.
+
+    Why: padding to the batch's longest row computes the gap to every shorter row; a batch of
+    like lengths leaves almost none. How: shuffle (seeded by seed and epoch, so every rank and
+    every resumed run gets the same order and a resume continues by position), cut into windows of
+    `mega_batches` batches, sort each window longest first, cut it into batches, then shuffle the
+    batches so the epoch does not run from long to short. Only the window's order is sorted, so
+    samples still meet different neighbours every epoch. `batch_size` is the global micro-batch
+    (ranks x micro-batch): the ranks of one step then wait for rows of like length, too.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = max(1, batch_size * mega_batches)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk_ = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        batches.extend(chunk_[i:i + batch_size] for i in range(0, len(chunk_), batch_size))
+    # A short last batch stays last: the loop drops an incomplete final step, never a full one.
+    tail = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in shuffled + tail for i in batch]
+
+
+def padding_stats(batches: Sequence[Sequence[int]], lengths: Sequence[int],
+                  pad_to: int | None = None) -> tuple[int, int]:
+    """(real tokens, computed tokens) of batches padded to their longest row (or to `pad_to`)."""
+    real = sum(lengths[i] for b in batches for i in b)
+    computed = sum(len(b) * (pad_to or max(lengths[i] for i in b)) for b in batches if b)
+    return real, computed
 
 
 def pack_sequences(ds: datasets.Dataset, max_seq_len: int, batch_size: int = 1000) -> datasets.Dataset:
