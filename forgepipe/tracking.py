@@ -9,6 +9,19 @@ and MLFLOW_TRACKING_URI override it.
 Every run records its resolved config (flattened params), the DeepSpeed JSON (ZeRO++ block
 included) as an artifact, metrics per step, and tags describing the environment. Other ranks
 get a Tracker whose methods do nothing, so stages never test the rank themselves.
+
+What the MLflow UI shows (its charts group metrics by the part of the name before the first '/'):
+- metric names carry the stage, so a chart never overlays unlike quantities (SFT's cross-entropy
+  of ~6 with the reward model's pairwise loss of ~0.69). Stages log `train/<x>` and `eval/<x>`;
+  the Tracker of a stage run records them as `<stage>/<x>` and `<stage>/eval_<x>` (`sft/loss`,
+  `sft/eval_loss`, `reward/eval_accuracy`, `ppo/lr`). Names already under the stage (`ppo/kl`)
+  and the quantities that mean the same in every stage (`perf/`, `mem/`, `time/`) stay as logged.
+- run names say what the run is (`sft forge-s z3++ 16r`, see run_name_for) unless --run-name is
+  given; tags carry stage, model, world size, ZeRO config, GPU kind, image, Slurm job, and the
+  absolute output, checkpoint and export directories.
+- the training data is an MLflow dataset input per split (the UI's Dataset column).
+- a pipeline's parent run carries the config shared by its stages, each child's key results as
+  its own metrics and a link to each child (record_child).
 """
 
 from __future__ import annotations
@@ -24,9 +37,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forgepipe.distributed import World
+
+if TYPE_CHECKING:
+    from forgepipe.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +55,25 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{store}/mlflow.db"
 
 
+def absolute_uri(uri: str) -> str:
+    """A local store named relative to the working directory, made absolute: the URI is written into
+    forgepipe-run.json and the run's tags, and must still find the store from another directory
+    (a Slurm job's, the next stage's, `forgepipe runs`). Server URIs are returned as they are."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return uri if path.startswith("/") or path == ":memory:" else f"sqlite:///{Path(path).resolve()}"
+    if uri.startswith("file://"):
+        return uri
+    if uri.startswith("file:"):
+        return Path(uri[len("file:"):]).resolve().as_uri()
+    if "://" not in uri and ":" not in uri.split("/")[0]:
+        return str(Path(uri).resolve())  # a plain directory: MLflow's file store
+    return uri
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db; always absolute."""
+    return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -107,6 +140,105 @@ def environment_tags(world: World) -> dict[str, str]:
     return tags
 
 
+def stage_metric_name(stage: str | None, key: str) -> str:
+    """The name a stage's metric is recorded under: `train/x` -> `<stage>/x`, `eval/x` ->
+    `<stage>/eval_x`; other names (`ppo/kl`, `perf/...`, `mem/...`, `time/...`) unchanged.
+    Without a stage (a bare Tracker), names are kept as logged."""
+    head, sep, tail = key.partition("/")
+    if not stage or not sep:
+        return key
+    if head == "train":
+        return f"{stage}/{tail}"
+    if head == "eval":
+        return f"{stage}/eval_{tail}"
+    return key
+
+
+def short_model_name(name_or_path: str) -> str:
+    """A model as a person names it: the catalog name, or the last part of its path (a stage's
+    output directory rather than its `model` subdirectory)."""
+    path = Path(name_or_path.rstrip("/"))
+    if path.name == "model" and path.parent.name:
+        path = path.parent
+    return path.name or name_or_path
+
+
+def zero_label(cfg: Config) -> str:
+    """ZeRO stage with its options in a few characters: z0, z2+off, z3++ (ZeRO++), z3+qw."""
+    d = cfg.deepspeed
+    label = f"z{d.zero_stage}"
+    if d.zeropp:
+        label += "++"
+    else:
+        label += "+qw" if d.quantized_weights else ""
+        label += "+qg" if d.quantized_gradients else ""
+    if d.offload and d.offload != "none":
+        label += f"+off{'' if d.offload == 'cpu' else '-' + d.offload}"
+    return label
+
+
+def run_name_for(cfg: Config, world: World) -> str:
+    """The run's name in the MLflow UI: the user's --run-name, else what the run is, e.g.
+    `sft forge-s z3++ 16r` (stage, model, ZeRO, ranks), so that reruns are told apart by what
+    changed rather than all being `sft-sft`."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    return f"{cfg.stage} {short_model_name(cfg.model.name_or_path)} {zero_label(cfg)} {world.world_size}r"
+
+
+def run_tags(cfg: Config) -> dict[str, str]:
+    """Tags a stage run starts with (the environment's are added by Tracker.start): what to filter
+    and group by in the UI, and where the run's files are, as absolute paths."""
+    out = Path(cfg.output_dir).resolve()
+    return {
+        "stage": cfg.stage,
+        "model": short_model_name(cfg.model.name_or_path),
+        "zero": zero_label(cfg),
+        "dtype": str(cfg.train.dtype),
+        "output_dir": str(out),
+        "checkpoint_dir": str(out / "checkpoints"),
+    }
+
+
+def pipeline_params(configs: dict[str, Config]) -> dict[str, Any]:
+    """A pipeline parent run's params: every config key, once where all stages agree, and as
+    `<stage>.<key>` where they differ (model, output_dir, stage...), so that the parent alone says
+    how the whole pipeline was configured."""
+    flats = {stage: cfg.flat() for stage, cfg in configs.items()}
+    keys = sorted({k for flat in flats.values() for k in flat})
+    params: dict[str, Any] = {}
+    for key in keys:
+        values = [flat.get(key) for flat in flats.values()]
+        if all(v == values[0] for v in values):
+            params[key] = values[0]
+        else:
+            params.update({f"{stage}.{key}": flat.get(key) for stage, flat in flats.items()})
+    return params
+
+
+# The figures of a finished child run that its pipeline parent records as its own metrics:
+# (child stage, the child's metric candidates, newest name first) -> the parent's metric.
+CHILD_RESULTS: list[tuple[str, tuple[str, ...], str]] = [
+    ("sft", ("sft/eval_loss", "eval/loss"), "sft/final_eval_loss"),
+    ("sft", ("sft/loss", "train/loss"), "sft/final_loss"),
+    ("reward", ("reward/eval_accuracy", "eval/accuracy"), "reward/final_eval_accuracy"),
+    ("reward", ("reward/loss", "train/loss"), "reward/final_loss"),
+    ("ppo", ("ppo/reward_mean",), "ppo/final_reward_mean"),
+    ("ppo", ("ppo/score_mean",), "ppo/final_score_mean"),
+    ("ppo", ("ppo/kl",), "ppo/final_kl"),
+]
+
+
+def dataset_digest(splits: dict[str, Any]) -> str:
+    """A short fingerprint of the rows a run trained and evaluated on: the `datasets` fingerprints
+    of its splits (which follow the source files' contents and the split), hashed together."""
+    import hashlib
+
+    parts = [f"{name}:{getattr(ds, '_fingerprint', None) or len(ds)}" for name, ds in sorted(splits.items())
+             if ds is not None]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
 def environment_snapshot() -> dict[str, Any]:
     """The launch-relevant environment variables, logged as an artifact for later comparison."""
     prefixes = ("SLURM_", "NCCL_", "RCCL_", "FI_", "MIOPEN_", "HIP_", "ROCR_", "CUDA_", "OMP_", "FORGEPIPE_", "HSA_")
@@ -124,6 +256,16 @@ class Tracker:
         # already (with the same values, the run being deterministic), so they are not logged twice.
         self.skip_through_step = -1
         self.reopened_status: str | None = None  # the status of a run reopened for resuming
+        self.stage: str | None = None  # prefixes the metric names (stage_metric_name)
+        self.uri: str | None = None  # the store, absolute
+
+    @classmethod
+    def for_stage(cls, cfg: Config, world: World, *, run_id: str | None = None,
+                  parent_run_id: str | None = None) -> Tracker:
+        """A stage's run: named by run_name_for, tagged by run_tags (or reopened for resuming)."""
+        return cls.start(world=world, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                         run_name=run_name_for(cfg, world), run_id=run_id, parent_run_id=parent_run_id,
+                         tags=run_tags(cfg))
 
     @classmethod
     def start(
@@ -139,11 +281,13 @@ class Tracker:
     ) -> Tracker:
         """Create (or, with run_id, reopen for resuming) a run. Only rank 0 talks to MLflow."""
         tracker = cls(enabled=world.is_main)
+        tracker.stage = (tags or {}).get("stage")
         if not tracker.enabled:
             return tracker
         import mlflow
 
         uri = resolve_tracking_uri(uri)
+        tracker.uri = uri
         mlflow.set_tracking_uri(uri)
         try:
             return cls._open(tracker, uri, experiment, run_name, run_id, parent_run_id, tags, world)
@@ -183,7 +327,7 @@ class Tracker:
             exp_id = exp.experiment_id if exp else client.create_experiment(
                 experiment, artifact_location=_artifact_root(uri) and f"{_artifact_root(uri)}/{experiment}"
             )
-        all_tags = {**environment_tags(world), **(tags or {})}
+        all_tags = {**environment_tags(world), "tracking_uri": uri, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -225,8 +369,56 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(stage_metric_name(self.stage, k), float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_datasets(self, sources: list[str], splits: dict[str, Any]) -> None:
+        """The data the run trained on as MLflow dataset inputs, one per split (context `training`,
+        `evaluation`): name = the sources' file names, source = their absolute paths (or Hub
+        names), digest = dataset_digest of the split, profile = the rows of every split. The UI's
+        Dataset column then says what each run read."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        present = {split: ds for split, ds in splits.items() if ds is not None}
+        rows = {split: len(ds) for split, ds in present.items()}
+        name = "+".join(short_model_name(s) for s in sources) or "data"
+        local = all(Path(s).exists() for s in sources)
+        located = [str(Path(s).resolve()) if Path(s).exists() else s for s in sources]
+        source = json.dumps({"uri": located[0] if len(located) == 1 else located})
+        profile = json.dumps({"rows": rows, "stage": self.stage})
+        context = {"train": "training", "eval": "evaluation"}
+        inputs = [
+            DatasetInput(Dataset(name=name, digest=dataset_digest({split: ds}), source_type="local" if local else "hub",
+                                 source=source, profile=profile),
+                         tags=[InputTag("mlflow.data.context", context.get(split, split))])
+            for split, ds in present.items()
+        ]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+        self.log_params({f"data.rows.{split}": n for split, n in rows.items()})
+
+    def record_child(self, stage: str, child_run_id: str | None) -> None:
+        """On a pipeline's parent run: the child's key results as the parent's own metrics
+        (CHILD_RESULTS, at the child's last step) and a link to the child (tags `child.<stage>`,
+        its id, and `child.<stage>.url`, the UI's address of it relative to the server)."""
+        if not self.enabled or not child_run_id:
+            return
+        child = self.client.get_run(child_run_id)
+        metrics = {}
+        for child_stage, candidates, parent_key in CHILD_RESULTS:
+            found = next((k for k in candidates if k in child.data.metrics), None)
+            if child_stage == stage and found:
+                metrics[parent_key] = child.data.metrics[found]
+        if metrics:
+            import time
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        self.set_tags({f"child.{stage}": child_run_id,
+                       f"child.{stage}.url": f"#/experiments/{child.info.experiment_id}/runs/{child_run_id}"})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.enabled:
@@ -301,10 +493,28 @@ def store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def share_with_group() -> None:
+    """Let the group read (and enter) what this process creates: Frontier projects share their
+    directories, and a umask of 077 would keep checkpoints, exports and the MLflow store from the
+    rest of the project. Clears only the group's read and execute bits of the umask; write stays
+    as the user set it. Called once at the start of a command."""
+    current = os.umask(0)
+    os.umask(current & ~0o050)
+
+
+def group_readable(path: str | Path) -> None:
+    """The mode a plain file gets under the current umask (with group read, see share_with_group),
+    for files made by tempfile, which creates them 0600 whatever the umask."""
+    current = os.umask(0)
+    os.umask(current)
+    os.chmod(path, (0o666 & ~current) | 0o040)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON beside the target and rename it into place."""
+    """Write JSON beside the target and rename it into place (readable by the group)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(data, f, indent=2, default=str)
         tmp = f.name
+    group_readable(tmp)
     os.replace(tmp, path)

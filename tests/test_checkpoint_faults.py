@@ -97,7 +97,7 @@ def test_unreadable_marker_and_truncated_newest_fall_back_and_pruning_keeps_this
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000008", "step-00000100"]
     assert json.loads((root / "latest").read_text()) == {"tag": "step-00000008"}
     client, run = mlflow_run(db)
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 8  # one run, no step twice
+    assert len(client.get_metric_history(run.info.run_id, "sft/loss")) == 8  # one run, no step twice
 
 
 def test_extending_a_finished_run_honours_max_steps_and_lr(finished, tiny_model, data, tmp_path):
@@ -107,7 +107,7 @@ def test_extending_a_finished_run_honours_max_steps_and_lr(finished, tiny_model,
     assert "resume: --lr changed from 0.001 to 0.002: honoured" in proc.stderr
     assert "resume: --max-steps changed from 6 to 8: honoured" in proc.stderr
     client, run = mlflow_run(db)
-    lrs = metric_values(client, run.info.run_id, "train/lr")
+    lrs = metric_values(client, run.info.run_id, "sft/lr")
     assert len(lrs) == 8
     for step in (1, 6):  # logged by the first run, kept
         assert lrs[step - 1] == pytest.approx(LR * lr_factor(step, 6, 0, 0.1))

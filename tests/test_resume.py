@@ -151,7 +151,7 @@ class Job:
         return self.logs[rank].read_text(errors="replace")
 
     def wait_for_step(self, db: Path, step: int, timeout: float = 180) -> int:
-        """Poll the MLflow store until train/loss has reached `step`; returns the step seen."""
+        """Poll the MLflow store until the stage's loss has reached `step`; returns the step seen."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(p.poll() is not None for p in self.procs):
@@ -168,7 +168,7 @@ def logged_step(db: Path) -> int:
         return -1
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            row = con.execute("SELECT max(step) FROM metrics WHERE key = 'train/loss'").fetchone()
+            row = con.execute("SELECT max(step) FROM metrics WHERE key IN ('sft/loss', 'reward/loss')").fetchone()
     except sqlite3.OperationalError:  # the store is still being created
         return -1
     return row[0] if row and row[0] is not None else -1
@@ -213,7 +213,8 @@ def assert_same_result(out: Path, ref: Path, steps: int = STEPS) -> None:
         assert sorted(got_curves[key]) == sorted(want_curves[key]), key
         for step, value in want_curves[key].items():
             assert got_curves[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
-    assert sorted(got_curves["train/loss"]) == list(range(1, steps + 1))
+    loss = next(k for k in got_curves if k in ("sft/loss", "reward/loss"))
+    assert sorted(got_curves[loss]) == list(range(1, steps + 1))
 
 
 def resumed_step(log: str) -> int:

@@ -47,9 +47,9 @@ def test_reward_learns_separable_preferences(tiny_model, tmp_path):
                           "--epochs", "2", "--eval-every", "10", "--eval-fraction", "0.2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, run = mlflow_run(db)
-    accuracy = metric_values(client, run.info.run_id, "eval/accuracy")
+    accuracy = metric_values(client, run.info.run_id, "reward/eval_accuracy")
     assert len(accuracy) >= 2 and accuracy[-1] >= 0.9, accuracy
-    assert run.data.metrics["eval/score_gap"] > 0
+    assert run.data.metrics["reward/eval_score_gap"] > 0
     assert int(run.data.params["data.identical_pairs_dropped"]) == 6
 
 
@@ -92,5 +92,5 @@ def test_reward_on_real_hh_sample(tiny_model, tmp_path):
                           "--per-device-batch-size", "8", "--max-steps", "6", "--max-seq-len", "256"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, run = mlflow_run(db)
-    assert 0.0 <= run.data.metrics["eval/accuracy"] <= 1.0
+    assert 0.0 <= run.data.metrics["reward/eval_accuracy"] <= 1.0
     assert int(run.data.params["data.train_pairs"]) > 100

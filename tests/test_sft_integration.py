@@ -35,14 +35,14 @@ def test_sft_single_process(tiny_model, tmp_path, zero_stage):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     client, run = mlflow_run(db)
-    losses = metric_values(client, run.info.run_id, "train/loss")
+    losses = metric_values(client, run.info.run_id, "sft/loss")
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert run.data.params["deepspeed.zero_stage"] == str(zero_stage)
     assert run.data.params["stage"] == "sft"
     assert run.data.tags["world_size"] == "1"
     assert run.data.tags["git_commit"]
-    assert "eval/perplexity" in run.data.metrics
+    assert "sft/eval_perplexity" in run.data.metrics
     ds_json = artifact_json(client, run.info.run_id, "deepspeed/model.json")
     assert ds_json["zero_optimization"]["stage"] == zero_stage
 
@@ -59,9 +59,9 @@ def test_sft_zero3_two_ranks_and_checkpoint_reload(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, run = mlflow_run(db)
     assert run.data.tags["world_size"] == "2"
-    losses = metric_values(client, run.info.run_id, "train/loss")
+    losses = metric_values(client, run.info.run_id, "sft/loss")
     assert sum(losses[-3:]) < sum(losses[:3]), losses
-    final_eval = metric_values(client, run.info.run_id, "eval/loss")[-1]
+    final_eval = metric_values(client, run.info.run_id, "sft/eval_loss")[-1]
 
     # The DeepSpeed checkpoint (2 ZeRO-3 partitions) reloads into a fresh 2-rank job, and so does
     # the HF export in a plain process: both give the loss the run logged.
@@ -122,4 +122,4 @@ def test_sft_on_real_hh_sample(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, run = mlflow_run(db)
     assert int(run.data.params["data.train_samples"]) > 50
-    assert torch.isfinite(torch.tensor(metric_values(client, run.info.run_id, "train/loss"))).all()
+    assert torch.isfinite(torch.tensor(metric_values(client, run.info.run_id, "sft/loss"))).all()

@@ -41,7 +41,7 @@ def slurm():
 def logged_step(db: Path) -> int:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            row = con.execute("SELECT max(step) FROM metrics WHERE key = 'train/loss'").fetchone()
+            row = con.execute("SELECT max(step) FROM metrics WHERE key = 'sft/loss'").fetchone()
     except sqlite3.OperationalError:
         return -1
     return row[0] if row and row[0] is not None else -1
@@ -192,5 +192,5 @@ def test_walltime_warning_checkpoints_resubmits_and_the_next_job_finishes(slurm,
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "sft/loss")]
     assert sorted(steps) == list(range(1, STEPS + 1))  # each step once, over both jobs

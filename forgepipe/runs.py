@@ -1,0 +1,553 @@
+"""Reading an MLflow store from a terminal: list, compare and show runs (`forgepipe runs`).
+
+Frontier users work on login nodes with no browser next to the store, so everything the MLflow UI
+would answer ("which ZeRO setting was faster?", "what did this run train with?") is answered here
+as plain text, plus a PNG (or an HTML page holding it) of the metric curves. Any MLflow URI works;
+nothing here starts a server or writes to the store.
+
+Runs are named on the command line by (in this order) their full id, their name, or an id prefix
+of four or more hex digits; a pipeline's parent run stands for its children, stage by stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import math
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forgepipe.errors import ForgeError
+from forgepipe.tracking import resolve_tracking_uri, short_model_name
+
+SEARCH_MAX = 50000  # MLflow's largest page of runs
+STAGE_ORDER = {"sft": 0, "reward": 1, "ppo": 2}
+# Per stage: the (train, eval, throughput) figures, each a list of names, newest naming first, so
+# that stores written before metric names carried the stage read the same.
+FIGURES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "sft": (("sft/loss", "train/loss"), ("sft/eval_loss", "eval/loss"), ("perf/tokens_per_s",)),
+    "reward": (("reward/loss", "train/loss"), ("reward/eval_accuracy", "eval/accuracy"), ("perf/tokens_per_s",)),
+    "ppo": (("ppo/score_mean",), ("ppo/eval_score_mean", "ppo/eval_reward_mean"), ("perf/gen_tokens_per_s",)),
+}
+# Name fragments saying which way a metric is better (for "best"); neither: no best (lr, lengths).
+HIGHER_IS_BETTER = ("accuracy", "tokens_per_s", "samples_per_s", "tflops", "mfu", "score", "reward", "gap",
+                    "win_rate")
+LOWER_IS_BETTER = ("loss", "perplexity", "kl", "_gib", "_s")
+# Tags `forgepipe runs show` prints, by heading.
+VERSION_TAGS = ("forgepipe_version", "git_commit", "torch_version", "deepspeed_version", "transformers_version",
+                "datasets_version", "python_version", "cuda_version", "hip_version")
+ENVIRONMENT_TAGS = ("world_size", "num_nodes", "launcher", "hostname", "device", "gpu_name", "gpu_kind",
+                    "container_image", "image_build", "slurm_job_id", "tracking_uri")
+
+
+# ---------------------------------------------------------------------------
+# The store and run references
+
+
+class Store:
+    """One MLflow store, read only: its runs across experiments and the resolution of references."""
+
+    def __init__(self, uri: str | None):
+        import os
+
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a table
+        self.uri = resolve_tracking_uri(uri)
+        if self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///"):]).is_file():
+            # MLflow would create an empty store there; a wrong path should say so instead.
+            raise ForgeError(f"--tracking-uri: no MLflow store at {self.uri[len('sqlite:///'):]}")
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._runs: list | None = None
+
+    def experiments(self) -> dict[str, str]:
+        """Experiment id -> name."""
+        return {e.experiment_id: e.name for e in self.client.search_experiments()}
+
+    def runs(self) -> list:
+        """Every (active) run of every experiment, newest first; read once per command."""
+        if self._runs is None:
+            ids = list(self.experiments())
+            self._runs = self.client.search_runs(ids, max_results=SEARCH_MAX,
+                                                 order_by=["attributes.start_time DESC"]) if ids else []
+        return self._runs
+
+    def children(self, run) -> list:
+        """The child runs of a (pipeline) parent, in stage order."""
+        kids = [r for r in self.runs() if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        return sorted(kids, key=lambda r: (STAGE_ORDER.get(stage_of(r), 9), r.info.start_time or 0))
+
+    def find(self, ref: str) -> Any:
+        """The one run `ref` names: a full id, a run name, or an id prefix (4+ hex digits)."""
+        runs = self.runs()
+        exact = [r for r in runs if r.info.run_id == ref]
+        if exact:
+            return exact[0]
+        named = [r for r in runs if r.info.run_name == ref]
+        if len(named) > 1:
+            ids = ", ".join(short_id(r) for r in named[:5])
+            raise ForgeError(f"run {ref!r}: {len(named)} runs have this name ({ids}); give an id prefix")
+        if named:
+            return named[0]
+        if re.fullmatch(r"[0-9a-f]{4,32}", ref):
+            prefixed = [r for r in runs if r.info.run_id.startswith(ref)]
+            if len(prefixed) > 1:
+                ids = ", ".join(short_id(r, 12) for r in prefixed[:5])
+                raise ForgeError(f"run {ref!r}: the id prefix matches {len(prefixed)} runs ({ids}); give more digits")
+            if prefixed:
+                return prefixed[0]
+        raise ForgeError(f"run {ref!r}: no run has this name or id in {self.uri}")
+
+    def resolve(self, refs: list[str]) -> list:
+        """The runs the references name, a pipeline parent replaced by its children; each run once."""
+        out: list = []
+        for ref in refs:
+            run = self.find(ref)
+            for r in self.children(run) or [run]:
+                if all(r.info.run_id != seen.info.run_id for seen in out):
+                    out.append(r)
+        return out
+
+    def history(self, run, key: str) -> list[tuple[int, float]]:
+        """(step, value) of a metric, by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run.info.run_id, key))
+
+    def artifact_text(self, run, path: str) -> str | None:
+        """A small artifact's text, or None when the run has none by that name."""
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = self.client.download_artifacts(run.info.run_id, path, tmp)
+                return Path(local).read_text()
+        except Exception:  # absent, or an artifact store that cannot be reached: shown as missing
+            return None
+
+    def deepspeed_configs(self, run) -> dict[str, dict]:
+        """Engine name -> the DeepSpeed JSON the run logged for it (`deepspeed/<engine>.json`)."""
+        try:
+            files = self.client.list_artifacts(run.info.run_id, "deepspeed")
+        except Exception:
+            return {}
+        out = {}
+        for f in files:
+            if f.path.endswith(".json"):
+                text = self.artifact_text(run, f.path)
+                if text:
+                    out[Path(f.path).stem] = json.loads(text)
+        return out
+
+
+def stage_of(run) -> str:
+    return run.data.tags.get("stage") or run.data.params.get("stage") or "-"
+
+
+def short_id(run, n: int = 8) -> str:
+    return run.info.run_id[:n]
+
+
+# ---------------------------------------------------------------------------
+# Formatting
+
+
+def fmt(value: Any) -> str:
+    """A number in at most ~6 characters of significance; '-' for nothing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (int, float)):
+        if abs(value) >= 1e4:
+            return f"{value:.0f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fmt_ratio(value: float | None, first: float | None) -> str:
+    if value is None or first is None or first == 0:
+        return "-"
+    return f"x{value / first:.3g}"
+
+
+def table(headers: list[str], rows: list[list[str]], indent: str = "") -> str:
+    """Columns padded to their widest cell; numbers (and ratios) right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    numeric = re.compile(r"^[x+-]?[\d.]+(e[+-]?\d+)?$|^-$")
+
+    def line(cells):
+        parts = [str(c).rjust(w) if numeric.match(str(c)) and i else str(c).ljust(w)
+                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return (indent + "  ".join(parts)).rstrip()
+
+    return "\n".join([line(headers)] + [line(r) for r in rows])
+
+
+def when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return _dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def duration(run) -> str:
+    """Wall time of the run (so far, for one still running)."""
+    start, end = run.info.start_time, run.info.end_time
+    if not start:
+        return "-"
+    if not end:
+        end = int(_dt.datetime.now().timestamp() * 1000)
+    seconds = max(0, (end - start) // 1000)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def first_metric(run, names: tuple[str, ...]) -> float | None:
+    """The final value of the first of `names` the run has."""
+    for name in names:
+        if name in run.data.metrics:
+            return run.data.metrics[name]
+    return None
+
+
+def figure_keys(run) -> list[str]:
+    """The stage's train, eval and throughput metric names this run has (the default plot)."""
+    keys = []
+    for names in FIGURES.get(stage_of(run), ()):
+        found = next((n for n in names if n in run.data.metrics), None)
+        if found:
+            keys.append(found)
+    return keys
+
+
+def model_of(run) -> str:
+    p = run.data.params
+    name = run.data.tags.get("model") or p.get("model.name_or_path") or p.get("sft.model.name_or_path") or ""
+    return short_model_name(name) if name else "-"
+
+
+def zero_of(run) -> str:
+    """The ZeRO setting: the run's tag, else worked out from its params (older stores)."""
+    tags, p = run.data.tags, run.data.params
+    if tags.get("zero"):
+        return tags["zero"]
+    if "deepspeed.zero_stage" not in p:
+        return "-"
+    label = f"z{p['deepspeed.zero_stage']}"
+    if p.get("deepspeed.zeropp") == "True":
+        label += "++"
+    if p.get("deepspeed.offload") not in (None, "none", "None"):
+        label += "+off"
+    return label
+
+
+# ---------------------------------------------------------------------------
+# runs list
+
+
+def list_runs(store: Store, *, experiment: str | None = None, stage: str | None = None,
+              parent: str | None = None, limit: int = 50) -> str:
+    """The table of `forgepipe runs list`, newest first."""
+    runs = store.runs()
+    if experiment:
+        ids = [i for i, name in store.experiments().items() if name == experiment]
+        if not ids:
+            known = ", ".join(sorted(store.experiments().values()))
+            raise ForgeError(f"--experiment: no experiment {experiment!r} in {store.uri} (there: {known})")
+        runs = [r for r in runs if r.info.experiment_id in ids]
+    if parent:
+        runs = store.children(store.find(parent))
+    if stage:
+        runs = [r for r in runs if stage_of(r) == stage]
+    if not runs:
+        return f"no runs in {store.uri}" + (" matching the filters" if experiment or stage or parent else "")
+    shown = runs[:limit] if limit else runs
+    headers = ["id", "name", "stage", "status", "start", "duration", "model", "ranks", "zero", "train", "eval",
+               "tok/s"]
+    rows = []
+    for r in shown:
+        train, evaluation, speed = FIGURES.get(stage_of(r), ((), (), ()))
+        rows.append([short_id(r), r.info.run_name or "-", stage_of(r), r.info.status, when(r.info.start_time),
+                     duration(r), model_of(r), r.data.tags.get("world_size", "-"), zero_of(r),
+                     fmt(first_metric(r, train)), fmt(first_metric(r, evaluation)), fmt(first_metric(r, speed))])
+    text = table(headers, rows)
+    if limit and len(runs) > limit:
+        text += f"\n({len(runs) - limit} older runs not shown; --limit 0 shows all)"
+    return text
+
+
+# ---------------------------------------------------------------------------
+# runs compare
+
+
+def flatten_json(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted keys -> JSON-encoded leaves (lists kept whole)."""
+    if not isinstance(tree, dict):
+        return {prefix: json.dumps(tree)}
+    out: dict[str, str] = {}
+    for k, v in tree.items():
+        out.update(flatten_json(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def differing(values: list[dict[str, str]], show_all: bool) -> list[list[str]]:
+    """Rows of key and value per run, for the keys whose values differ (every key with show_all)."""
+    keys = sorted({k for v in values for k in v})
+    rows = []
+    for key in keys:
+        cells = [v.get(key, "-") for v in values]
+        if show_all or len(set(cells)) > 1:
+            rows.append([key, *cells])
+    return rows
+
+
+def better(key: str) -> str | None:
+    """'max', 'min' or None: which way the metric improves, from its name."""
+    name = key.split("/")[-1]
+    if name == "lr" or name.endswith("_len") or "clip_frac" in name:
+        return None
+    if any(f in name for f in HIGHER_IS_BETTER) and "kl" not in name:
+        return "max"
+    if any(f in name for f in LOWER_IS_BETTER) or key.startswith(("mem/", "time/")):
+        return "min"
+    return None
+
+
+@dataclass
+class MetricStats:
+    final: float | None
+    best: float | None
+    last_mean: float | None
+
+
+def stats(points: list[tuple[int, float]], key: str, last_n: int) -> MetricStats:
+    if not points:
+        return MetricStats(None, None, None)
+    values = [v for _, v in points]
+    way = better(key)
+    best = (max(values) if way == "max" else min(values)) if way else None
+    tail = values[-last_n:]
+    return MetricStats(values[-1], best, sum(tail) / len(tail))
+
+
+def metric_order(key: str) -> tuple[int, str]:
+    """Stage figures first, then throughput, time and memory."""
+    group = {"perf": 1, "time": 2, "mem": 3}.get(key.split("/")[0], 0)
+    return group, key
+
+
+def chosen_metrics(runs: list, metrics: tuple[str, ...] | list[str] | None, default_all: bool) -> list[str]:
+    """--metric names (each must exist in some run), else every metric (table) or the stage figures (plot)."""
+    present = {k for r in runs for k in r.data.metrics}
+    if metrics:
+        for m in metrics:
+            if m not in present:
+                raise ForgeError(f"--metric: no run compared has {m!r} (they have: {', '.join(sorted(present))})")
+        return list(metrics)
+    if default_all:
+        return sorted(present, key=metric_order)
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in figure_keys(r) if k not in keys]
+    return keys
+
+
+def compare_runs(store: Store, refs: list[str], *, show_all: bool = False, metrics: tuple[str, ...] = (),
+                 last_n: int = 5) -> tuple[str, list]:
+    """The text of `forgepipe runs compare` and the runs it compared."""
+    runs = store.resolve(refs)
+    if len(runs) < 2:
+        raise ForgeError(f"runs compare: {' '.join(refs)} names one run ({short_id(runs[0])}); give two or more")
+    if last_n < 1:
+        raise ForgeError(f"--last: {last_n}: must be 1 or more")
+    labels = [f"[{i + 1}]" for i in range(len(runs))]
+    out = ["runs:"]
+    out += [f"  {label} {r.info.run_id}  {r.info.run_name}  ({stage_of(r)}, {r.info.status}, {duration(r)})"
+            for label, r in zip(labels, runs, strict=True)]
+
+    rows = differing([dict(r.data.params) for r in runs], show_all)
+    title = "params" if show_all else "params that differ"
+    out += ["", f"{title} ({len(rows)} of {len({k for r in runs for k in r.data.params})}):"]
+    out.append(table(["param", *labels], rows, "  ") if rows else "  (none)")
+
+    configs = [store.deepspeed_configs(r) for r in runs]
+    for engine in sorted({e for c in configs for e in c}):
+        flat = [flatten_json(c[engine]) if engine in c else {} for c in configs]
+        rows = differing(flat, show_all)
+        absent = [label for label, c in zip(labels, configs, strict=True) if engine not in c]
+        note = f"; absent from {' '.join(absent)}" if absent else ""
+        out += ["", f"deepspeed {engine}.json{'' if show_all else ', keys that differ'}{note}:"]
+        out.append(table(["key", *labels], rows, "  ") if rows else "  (identical)")
+
+    keys = chosen_metrics(runs, metrics, default_all=True)
+    out += ["", f"metrics (final, best, mean of the last {last_n} logged; ratio to [1]):"]
+    headers = ["metric", "", labels[0]]
+    for label in labels[1:]:
+        headers += [label, f"{label}/[1]"]
+    rows = []
+    for key in keys:
+        per_run = [stats(store.history(r, key), key, last_n) for r in runs]
+        for stat in ("final", "best", f"last{last_n}"):
+            attr = "last_mean" if stat.startswith("last") else stat
+            if stat == "best" and better(key) is None:
+                continue
+            values = [getattr(s, attr) for s in per_run]
+            row = [key if stat == "final" else "", stat, fmt(values[0])]
+            for v in values[1:]:
+                row += [fmt(v), fmt_ratio(v, values[0])]
+            rows.append(row)
+    out.append(table(headers, rows, "  ") if rows else "  (no metrics)")
+    return "\n".join(out), runs
+
+
+def plot_runs(store: Store, runs: list, metrics: tuple[str, ...], path: str | Path) -> Path:
+    """One panel per metric, one line per run, against the step: a PNG, or an HTML page holding it."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".html"):
+        raise ForgeError(f"--plot: {path}: the file must end in .png or .html")
+    keys = chosen_metrics(runs, metrics, default_all=False)
+    if not keys:
+        raise ForgeError("--plot: the runs have no metrics to plot; name some with --metric")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a login node
+    import matplotlib.pyplot as plt
+
+    cols = 1 if len(keys) == 1 else 2
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for i, r in enumerate(runs):
+            points = store.history(r, key)
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="." if len(points) < 30 else None,
+                        label=f"[{i + 1}] {r.info.run_name or short_id(r)}")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".png":
+        fig.savefig(path, dpi=110)
+    else:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        names = "".join(f"<li>[{i + 1}] {r.info.run_name} ({r.info.run_id})</li>" for i, r in enumerate(runs))
+        image = base64.b64encode(buffer.getvalue()).decode()
+        path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>forgepipe runs compare</title>"
+                        f"</head><body><ul>{names}</ul><img src='data:image/png;base64,{image}'></body></html>\n")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# runs show
+
+
+def checkpoints_line(directory: str | None) -> str:
+    if not directory:
+        return "-"
+    path = Path(directory)
+    if not path.is_dir():
+        return f"{directory} (not on this machine)"
+    found = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return f"{directory} ({len(found)} kept{', newest ' + found[-1] if found else ''})"
+
+
+def export_line(directory: str | None) -> str:
+    if not directory:
+        return "- (not exported yet)"
+    state = "" if (Path(directory) / "config.json").is_file() else " (not on this machine)"
+    return directory + state
+
+
+def show_run(store: Store, run) -> str:
+    """`forgepipe runs show`: what the run is, where its files are, its environment and its config."""
+    tags, info = run.data.tags, run.info
+    exp = store.experiments().get(info.experiment_id, info.experiment_id)
+    output_dir = tags.get("output_dir") or run.data.params.get("output_dir")
+    checkpoints = tags.get("checkpoint_dir") or (str(Path(output_dir) / "checkpoints") if output_dir else None)
+    out = [f"run {info.run_id}  {info.run_name}",
+           f"  experiment  {exp}",
+           f"  stage       {stage_of(run)}    status {info.status}    started {when(info.start_time)}    "
+           f"took {duration(run)}"]
+    if tags.get("mlflow.parentRunId"):
+        out.append(f"  parent      {tags['mlflow.parentRunId']}")
+    out += ["", "files:", f"  output       {output_dir or '-'}", f"  checkpoints  {checkpoints_line(checkpoints)}",
+            f"  export       {export_line(tags.get('model_dir'))}", f"  store        {store.uri}"]
+    inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
+    if inputs:
+        out += ["", "data:"]
+        for di in inputs:
+            context = next((t.value for t in di.tags if t.key == "mlflow.data.context"), "")
+            out.append(f"  {context or '-':10}  {di.dataset.name}  digest {di.dataset.digest}  "
+                       f"{di.dataset.profile or ''}  {di.dataset.source}")
+    out += ["", "versions:"]
+    out += [f"  {k.removesuffix('_version'):14} {tags[k]}" for k in VERSION_TAGS if k in tags]
+    out += ["", "environment:"]
+    out += [f"  {k:14} {tags[k]}" for k in ENVIRONMENT_TAGS if k in tags]
+    env = store.artifact_text(run, "environment.json")
+    if env:
+        variables = json.loads(env)
+        out += [f"  {k}={v}" for k, v in variables.items()] or []
+    config = store.artifact_text(run, "config.yaml")
+    out += ["", "config (config.yaml):" if config else "config (from params; no config.yaml logged):"]
+    if config:
+        out += ["  " + line for line in config.rstrip().splitlines()]
+    else:
+        out += [f"  {k}: {v}" for k, v in sorted(run.data.params.items())]
+    return "\n".join(out)
+
+
+# Options named by the stage command rather than the shared table.
+STAGE_FLAGS = {
+    "sft": {"model.name_or_path": "--model", "output_dir": "--output-dir"},
+    "reward": {"model.name_or_path": "--model", "output_dir": "--output-dir", "reward.margin_field": "--margin-field"},
+    "ppo": {"model.name_or_path": "--actor", "ppo.reward_model": "--reward", "output_dir": "--output-dir"},
+}
+
+
+def option_table() -> tuple[list[tuple[str, str, str]], set[str]]:
+    """(flags, dotted key, help) rows of the stage commands and the repeatable keys."""
+    try:
+        from forgepipe.options import COMMON_OPTIONS, PPO_OPTIONS, REPEATABLE
+    except ImportError:  # before the table had a module of its own
+        from forgepipe.cli import COMMON_OPTIONS, PPO_OPTIONS, REPEATABLE
+    return COMMON_OPTIONS + PPO_OPTIONS, set(REPEATABLE)
+
+
+def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
+    """The `forgepipe <stage> ...` command that re-runs a config: every key that differs from the
+    default as its option. Returns the command and the keys no option sets (they need --config)."""
+    import yaml
+
+    from forgepipe.config import Config, flatten
+
+    if stage not in STAGE_FLAGS:
+        raise ForgeError(f"--as-command: the run's stage is {stage!r}; only sft, reward and ppo runs are commands")
+    values = flatten(yaml.safe_load(config_yaml) or {})
+    defaults = Config(stage=stage).flat()
+    rows, repeatable = option_table()
+    flags = {key: f for f, key, _ in rows} | STAGE_FLAGS[stage]
+    words = ["forgepipe", stage]
+    left: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "stage" or (key in defaults and value == defaults[key]) or (key not in defaults and not value):
+            continue
+        flag = flags.get(key)
+        if flag is None:
+            left[key] = value
+        elif "/" in flag:
+            on, off = flag.split("/")
+            words.append(on if value else off)
+        elif key in repeatable:
+            for item in value or []:
+                words += [flag.split("/")[0], str(item)]
+        elif value is not None:
+            words += [flag, json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return " ".join(shlex.quote(w) for w in words), left
