@@ -139,16 +139,19 @@ def generation_context(actor, gather: bool):
 @torch.no_grad()
 def generate(actor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, eos_token_id: int,
              pad_token_id: int, max_new_tokens: int, temperature: float, top_p: float,
-             synced_gpus: bool = False, gather: bool = False) -> torch.Tensor:
-    """[B, P + R] prompt + sampled response (R <= max_new_tokens; finished rows padded).
+             synced_gpus: bool = False, gather: bool = False, greedy: bool = False) -> torch.Tensor:
+    """[B, P + R] prompt + sampled (or, with `greedy`, greedy) response (R <= max_new_tokens;
+    finished rows padded).
 
     top_k is switched off (transformers' default is 50): the PPO ratio assumes the tokens were
     sampled from the actor's own distribution (temperature and top_p are the user's choice).
     """
+    from forgepipe.generation import sampling_settings
+
     with generation_context(actor, gather) as module:
         return module.generate(
-            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
-            top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            input_ids=input_ids, attention_mask=attention_mask, **sampling_settings(greedy, temperature, top_p),
+            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, synced_gpus=synced_gpus and not gather, use_cache=True,
         )
 
