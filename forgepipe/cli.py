@@ -391,5 +391,10 @@ def models_cmd(catalog):
         sys.exit(2)
 
 
+from forgepipe.runs_cli import runs  # noqa: E402  (the `forgepipe runs` group)
+
+main.add_command(runs)
+
+
 if __name__ == "__main__":
     main()

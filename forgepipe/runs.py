@@ -166,19 +166,23 @@ def fmt(value: Any) -> str:
 
 
 def fmt_ratio(value: float | None, first: float | None) -> str:
+    """`x1.31`: the run's figure over the first run's (x0.5 is half)."""
     if value is None or first is None or first == 0:
         return "-"
-    return f"x{value / first:.3g}"
+    ratio = value / first
+    return f"x{ratio:.2f}" if 0.1 <= abs(ratio) < 100 else f"x{ratio:.3g}"
 
 
-def table(headers: list[str], rows: list[list[str]], indent: str = "") -> str:
-    """Columns padded to their widest cell; numbers (and ratios) right-aligned."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-    numeric = re.compile(r"^[x+-]?[\d.]+(e[+-]?\d+)?$|^-$")
+def table(headers: list[str], rows: list[list[str]], indent: str = "", numbers_right: bool = True) -> str:
+    """Columns padded to their widest cell; with numbers_right, the columns after the first whose
+    cells are all numbers (or ratios, or '-') right-aligned, header included."""
+    columns = list(zip(headers, *rows, strict=True))
+    widths = [max(len(str(c)) for c in col) for col in columns]
+    numeric = re.compile(r"^x?[+-]?[\d.]+(e[+-]?\d+)?$|^-?$")
+    right = [numbers_right and i > 0 and all(numeric.match(str(c)) for c in col[1:]) for i, col in enumerate(columns)]
 
     def line(cells):
-        parts = [str(c).rjust(w) if numeric.match(str(c)) and i else str(c).ljust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right, strict=True)]
         return (indent + "  ".join(parts)).rstrip()
 
     return "\n".join([line(headers)] + [line(r) for r in rows])
@@ -369,7 +373,7 @@ def compare_runs(store: Store, refs: list[str], *, show_all: bool = False, metri
     rows = differing([dict(r.data.params) for r in runs], show_all)
     title = "params" if show_all else "params that differ"
     out += ["", f"{title} ({len(rows)} of {len({k for r in runs for k in r.data.params})}):"]
-    out.append(table(["param", *labels], rows, "  ") if rows else "  (none)")
+    out.append(table(["param", *labels], rows, "  ", numbers_right=False) if rows else "  (none)")
 
     configs = [store.deepspeed_configs(r) for r in runs]
     for engine in sorted({e for c in configs for e in c}):
@@ -378,7 +382,7 @@ def compare_runs(store: Store, refs: list[str], *, show_all: bool = False, metri
         absent = [label for label, c in zip(labels, configs, strict=True) if engine not in c]
         note = f"; absent from {' '.join(absent)}" if absent else ""
         out += ["", f"deepspeed {engine}.json{'' if show_all else ', keys that differ'}{note}:"]
-        out.append(table(["key", *labels], rows, "  ") if rows else "  (identical)")
+        out.append(table(["key", *labels], rows, "  ", numbers_right=False) if rows else "  (identical)")
 
     keys = chosen_metrics(runs, metrics, default_all=True)
     out += ["", f"metrics (final, best, mean of the last {last_n} logged; ratio to [1]):"]
@@ -401,11 +405,17 @@ def compare_runs(store: Store, refs: list[str], *, show_all: bool = False, metri
     return "\n".join(out), runs
 
 
-def plot_runs(store: Store, runs: list, metrics: tuple[str, ...], path: str | Path) -> Path:
-    """One panel per metric, one line per run, against the step: a PNG, or an HTML page holding it."""
+def check_plot_path(path: str | Path) -> Path:
+    """--plot names a .png or an .html file (checked before the comparison is printed)."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".html"):
         raise ForgeError(f"--plot: {path}: the file must end in .png or .html")
+    return path
+
+
+def plot_runs(store: Store, runs: list, metrics: tuple[str, ...], path: str | Path) -> Path:
+    """One panel per metric, one line per run, against the step: a PNG, or an HTML page holding it."""
+    path = check_plot_path(path)
     keys = chosen_metrics(runs, metrics, default_all=False)
     if not keys:
         raise ForgeError("--plot: the runs have no metrics to plot; name some with --metric")
@@ -413,6 +423,7 @@ def plot_runs(store: Store, runs: list, metrics: tuple[str, ...], path: str | Pa
 
     matplotlib.use("Agg")  # files only: no display on a login node
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cols = 1 if len(keys) == 1 else 2
     rows = math.ceil(len(keys) / cols)
@@ -426,6 +437,7 @@ def plot_runs(store: Store, runs: list, metrics: tuple[str, ...], path: str | Pa
                         label=f"[{i + 1}] {r.info.run_name or short_id(r)}")
         ax.set_title(key)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(keys):]:
@@ -504,21 +516,23 @@ def show_run(store: Store, run) -> str:
     return "\n".join(out)
 
 
-# Options named by the stage command rather than the shared table.
+# Options named by the stage command rather than the shared table, in the order printed.
 STAGE_FLAGS = {
     "sft": {"model.name_or_path": "--model", "output_dir": "--output-dir"},
     "reward": {"model.name_or_path": "--model", "output_dir": "--output-dir", "reward.margin_field": "--margin-field"},
     "ppo": {"model.name_or_path": "--actor", "ppo.reward_model": "--reward", "output_dir": "--output-dir"},
 }
+# Config sections a stage never reads (a pipeline sets every stage's config from one command line).
+UNUSED_SECTIONS = {"sft": ("ppo.", "reward."), "reward": ("ppo.",), "ppo": ("reward.",)}
 
 
-def option_table() -> tuple[list[tuple[str, str, str]], set[str]]:
-    """(flags, dotted key, help) rows of the stage commands and the repeatable keys."""
+def option_table(stage: str) -> tuple[list[tuple[str, str, str]], set[str]]:
+    """(flags, dotted key, help) rows of the stage's command and the repeatable keys."""
     try:
         from forgepipe.options import COMMON_OPTIONS, PPO_OPTIONS, REPEATABLE
     except ImportError:  # before the table had a module of its own
         from forgepipe.cli import COMMON_OPTIONS, PPO_OPTIONS, REPEATABLE
-    return COMMON_OPTIONS + PPO_OPTIONS, set(REPEATABLE)
+    return COMMON_OPTIONS + (PPO_OPTIONS if stage == "ppo" else []), set(REPEATABLE)
 
 
 def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
@@ -532,12 +546,16 @@ def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
         raise ForgeError(f"--as-command: the run's stage is {stage!r}; only sft, reward and ppo runs are commands")
     values = flatten(yaml.safe_load(config_yaml) or {})
     defaults = Config(stage=stage).flat()
-    rows, repeatable = option_table()
+    rows, repeatable = option_table(stage)
     flags = {key: f for f, key, _ in rows} | STAGE_FLAGS[stage]
     words = ["forgepipe", stage]
     left: dict[str, Any] = {}
-    for key, value in values.items():
-        if key == "stage" or (key in defaults and value == defaults[key]) or (key not in defaults and not value):
+    first = [k for k in STAGE_FLAGS[stage] if k in values]
+    for key in first + [k for k in values if k not in first]:
+        value = values[key]
+        if key == "stage" or key.startswith(UNUSED_SECTIONS[stage]):
+            continue
+        if (key in defaults and value == defaults[key]) or (key not in defaults and not value):
             continue
         flag = flags.get(key)
         if flag is None:

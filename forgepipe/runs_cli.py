@@ -72,8 +72,10 @@ def compare_cmd(tracking_uri, refs, show_all, metrics, last_n, plot):
     last-N mean side by side with the ratio to the first run.
 
     RUN: a run name, an id or id prefix, or a pipeline's parent run (its stages)."""
-    from forgepipe.runs import Store, compare_runs, plot_runs
+    from forgepipe.runs import Store, check_plot_path, compare_runs, plot_runs
 
+    if plot:
+        check_plot_path(plot)
     store = Store(tracking_uri)
     text, compared = compare_runs(store, list(refs), show_all=show_all, metrics=metrics, last_n=last_n)
     click.echo(text)
