@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from forgepipe.data.collate import PromptCollator
 from forgepipe.data.formats import ASSISTANT
-from forgepipe.data.tokenize import left_truncate
 from forgepipe.errors import ForgeError
+
+if TYPE_CHECKING:  # torch and the tokenizing code are imported where used: the CLI imports this module
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,8 @@ def render_prompt(text: str, template: str = "hh") -> str:
 def prompt_rows(tokenizer, prompts: Sequence[str], max_prompt_len: int) -> list[dict[str, list[int]]]:
     """{prompt_input_ids} rows as tokenize_prompts makes them (no special tokens added); a prompt
     over the budget keeps its end, next to the answer, as SFT's left truncation does."""
+    from forgepipe.data.tokenize import left_truncate
+
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     return [{"prompt_input_ids": left_truncate(row, max_prompt_len)} for row in ids]
 
@@ -70,6 +71,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
                   greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
                   gather: bool = False, synced_gpus: bool = False) -> list[str]:
     """Responses to rendered `prompts` (see render_prompt), in batches of `batch_size`."""
+    from forgepipe.data.collate import PromptCollator
     from forgepipe.stages.ppo.experience import _device, generate  # experience imports this module
 
     device = _device(model)
