@@ -33,7 +33,7 @@ STAGE_ORDER = {"sft": 0, "reward": 1, "ppo": 2}
 FIGURES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "sft": (("sft/loss", "train/loss"), ("sft/eval_loss", "eval/loss"), ("perf/tokens_per_s",)),
     "reward": (("reward/loss", "train/loss"), ("reward/eval_accuracy", "eval/accuracy"), ("perf/tokens_per_s",)),
-    "ppo": (("ppo/score_mean",), ("ppo/eval_score_mean", "ppo/eval_reward_mean"), ("perf/gen_tokens_per_s",)),
+    "ppo": (("ppo/score_mean",), ("ppo/eval_score",), ("perf/gen_tokens_per_s",)),
 }
 # Name fragments saying which way a metric is better (for "best"); neither: no best (lr, lengths).
 HIGHER_IS_BETTER = ("accuracy", "tokens_per_s", "samples_per_s", "tflops", "mfu", "score", "reward", "gap",

@@ -226,6 +226,9 @@ CHILD_RESULTS: list[tuple[str, tuple[str, ...], str]] = [
     ("ppo", ("ppo/reward_mean",), "ppo/final_reward_mean"),
     ("ppo", ("ppo/score_mean",), "ppo/final_score_mean"),
     ("ppo", ("ppo/kl",), "ppo/final_kl"),
+    ("ppo", ("ppo/eval_score",), "ppo/final_eval_score"),
+    ("ppo", ("ppo/eval_win_rate",), "ppo/final_eval_win_rate"),
+    ("ppo", ("ppo/eval_kl",), "ppo/final_eval_kl"),
 ]
 
 
