@@ -33,16 +33,14 @@ import torch
 
 from forgepipe.distributed import all_reduce_sum, barrier, current_rank, is_main_process
 from forgepipe.errors import ForgeError
+from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, RUN_FILE
 from forgepipe.models.load import merge_lora
 from forgepipe.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 LATEST_MARKER = "latest"
-LOOP_STATE = "loop_state.json"
 PARTIAL_PREFIX = ".partial-"
-RUN_FILE = "forgepipe-run.json"  # a finished stage's record (stages/common.py)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -253,7 +251,7 @@ def find_latest(output_dir: str | Path) -> Path | None:
 def read_loop_state(checkpoint: str | Path) -> dict[str, Any]:
     problem = verify_checkpoint(checkpoint)
     if problem is not None:
-        raise ForgeError(f"--resume: {checkpoint} is not a complete forgepipe checkpoint: {problem}")
+        raise ForgeError(f"{checkpoint} is not a complete forgepipe checkpoint: {problem}", key="train.resume")
     return json.loads((Path(checkpoint) / LOOP_STATE).read_text())
 
 
@@ -267,9 +265,9 @@ def load_checkpoint(engines: dict[str, Any], checkpoint: str | Path, engine_dir:
             path, _ = engine.load_checkpoint(str(engine_dir or checkpoint), tag=name)
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ForgeError(f"--resume: {checkpoint / name} cannot be loaded ({first})") from None
+            raise ForgeError(f"{checkpoint / name} cannot be loaded ({first})", key="train.resume") from None
         if path is None:
-            raise ForgeError(f"--resume: {checkpoint} has no state for the {name} engine")
+            raise ForgeError(f"{checkpoint} has no state for the {name} engine", key="train.resume")
     rng_file = checkpoint / f"rng_rank{current_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

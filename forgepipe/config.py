@@ -18,10 +18,44 @@ from typing import Any, Literal
 
 import yaml
 
+from forgepipe.deepspeed_config import validate_static
 from forgepipe.errors import ForgeError
+from forgepipe.options import label
 
 Stage = Literal["sft", "reward", "ppo"]
 STAGES: tuple[str, ...] = ("sft", "reward", "ppo")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where a number may lie; `validate` checks every bounded field, one message form for all."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def violation(self, value: float) -> str | None:
+        """Why `value` is out of bounds, or None."""
+        low_ok = (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+        high_ok = (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        return None if low_ok and high_ok else f"must {self.describe()}, got {value}"
+
+    def describe(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if low and high:
+            return f"be in {low}, {high}"
+        if self.ge is not None:
+            return "not be negative" if self.ge == 0 else f"be at least {self.ge:g}"
+        if self.gt is not None:
+            return "be positive" if self.gt == 0 else f"be greater than {self.gt:g}"
+        return f"be at most {self.le:g}" if self.le is not None else f"be below {self.lt:g}"
+
+
+def bounded(default: Any, **limits: float) -> Any:
+    """A config field whose value must lie within `limits` (ge, gt, le, lt); None is always allowed."""
+    return field(default=default, metadata={"bounds": Bounds(**limits)})
 
 
 @dataclass
@@ -31,9 +65,9 @@ class ModelConfig:
     name_or_path: str = ""  # a catalog name (forge-s, ...), a local directory, or a Hub name
     tokenizer: str | None = None  # defaults to the model's own
     catalog: str | None = None  # catalog YAML; default: $FORGEPIPE_CATALOG, then the bundled one
-    lora_dim: int = 0  # 0 disables LoRA
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_dim: int = bounded(0, ge=0)  # 0 disables LoRA
+    lora_alpha: float = bounded(16.0, gt=0)
+    lora_dropout: float = bounded(0.0, ge=0, lt=1)
     lora_target_modules: list[str] | None = None  # None: the architecture's linear layers
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -45,39 +79,39 @@ class DataConfig:
 
     sources: list[str] = field(default_factory=list)  # files, saved-dataset dirs, or Hub names
     split: str = "2,4,4"  # shares of each source for stages sft,reward,ppo (DeepSpeed-Chat style)
-    eval_fraction: float = 0.1  # held out of each stage's share for evaluation
-    max_seq_len: int = 512
-    max_prompt_len: int = 256  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
+    eval_fraction: float = bounded(0.1, ge=0, lt=1)  # held out of each stage's share for evaluation
+    max_seq_len: int = bounded(512, ge=1)
+    max_prompt_len: int = bounded(256, ge=1)  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
     packing: bool = False  # pack several short SFT samples into one sequence
     cache_dir: str | None = None  # tokenized cache; default: <output_dir>/.cache
     unsupervised_sources: list[str] = field(default_factory=list)  # {text} documents for PPO-ptx
-    max_dropped_fraction: float = 0.1  # a source losing more of its rows (no format fits) is an error
-    eval_max_samples: int = 2000  # held-out rows evaluated at most (0: all)
+    max_dropped_fraction: float = bounded(0.1, ge=0, le=1)  # a source losing more of its rows (no format fits) is an error
+    eval_max_samples: int = bounded(2000, ge=0)  # held-out rows evaluated at most (0: all)
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop shared by every stage."""
 
-    per_device_batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    epochs: int = 1
-    max_steps: int = 0  # optimizer steps; 0 means run the epochs
+    per_device_batch_size: int = bounded(4, ge=1)
+    grad_accum: int = bounded(1, ge=1)
+    lr: float = bounded(1e-5, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup_ratio: float = bounded(0.05, ge=0, lt=1)
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    epochs: int = bounded(1, ge=1)
+    max_steps: int = bounded(0, ge=0)  # optimizer steps; 0 means run the epochs
     seed: int = 1234
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
-    log_every: int = 1
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
-    save_every_minutes: float = 0.0
-    keep_last: int = 2  # checkpoints kept on disk
+    eval_every: int = bounded(0, ge=0)  # optimizer steps between evaluations; 0: only at the end
+    log_every: int = bounded(1, ge=1)
+    save_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints; 0: only at the end
+    save_every_minutes: float = bounded(0.0, ge=0)
+    keep_last: int = bounded(2, ge=1)  # checkpoints kept on disk
     resume: str = "auto"  # auto | never | a checkpoint directory
-    peak_tflops: float = 0.0  # per-device peak for MFU (MI250X GCD bf16: 191.5, H100 SXM bf16: 989); 0: off
-    dist_timeout_minutes: float = 30.0  # a collective stuck this long aborts the job instead of hanging it
+    peak_tflops: float = bounded(0.0, ge=0)  # per-device peak for MFU (MI250X GCD bf16: 191.5, H100 SXM bf16: 989); 0: off
+    dist_timeout_minutes: float = bounded(30.0, gt=0)  # a collective stuck this long aborts the job instead of hanging it
 
 
 @dataclass
@@ -89,18 +123,18 @@ class DeepSpeedConfig:
     zeropp: bool = False  # turns on qwZ + hpZ + qgZ together
     quantized_weights: bool | None = None  # qwZ; None follows `zeropp`
     quantized_gradients: bool | None = None  # qgZ; None follows `zeropp`
-    hpz_size: int | None = None  # hpZ partition size; None: ranks per node when zeropp, else 1
+    hpz_size: int | None = bounded(None, ge=1)  # hpZ partition size; None: ranks per node when zeropp, else 1
     # Stage-3 knobs used by the FORGE runs.
-    param_persistence_threshold: int = 10_000
-    max_live_parameters: int = 30_000_000
-    prefetch_bucket_size: int = 30_000_000
-    allgather_bucket_size: int = 500_000_000
-    reduce_bucket_size: int = 500_000_000
+    param_persistence_threshold: int = bounded(10_000, ge=0)
+    max_live_parameters: int = bounded(30_000_000, ge=0)
+    prefetch_bucket_size: int = bounded(30_000_000, ge=0)
+    allgather_bucket_size: int = bounded(500_000_000, ge=0)
+    reduce_bucket_size: int = bounded(500_000_000, ge=1)
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     torch_adam: bool = False  # use torch's Adam instead of DeepSpeed's fused/CPU op (no JIT build)
     flops_profiler: bool = False
-    profile_step: int = 2  # optimizer step at which the flops profiler reports
+    profile_step: int = bounded(2, ge=1)  # optimizer step at which the flops profiler reports
 
 
 @dataclass
@@ -126,26 +160,26 @@ class PPOConfig:
 
     reward_model: str = ""  # stage-2 export (or catalog name)
     critic_model: str | None = None  # defaults to the reward model
-    critic_lr: float = 5e-6
+    critic_lr: float = bounded(5e-6, gt=0)
     critic_zero_stage: Literal[0, 1, 2, 3] | None = None  # None: same as the actor
-    critic_lora_dim: int = 0
+    critic_lora_dim: int = bounded(0, ge=0)
     critic_gradient_checkpointing: bool = False
     ref_zero_stage: Literal[0, 1, 2, 3] | None = None
     allow_tokenizer_mismatch: bool = False
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generation_batch_size: int | None = None  # prompts per rank per experience batch
-    ppo_epochs: int = 1
-    kl_coef: float = 0.1
-    reward_clip: float = 5.0
-    policy_clip: float = 0.2
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
+    max_new_tokens: int = bounded(64, ge=1)
+    temperature: float = bounded(1.0, gt=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    generation_batch_size: int | None = bounded(None, ge=1)  # prompts per rank per experience batch
+    ppo_epochs: int = bounded(1, ge=1)
+    kl_coef: float = bounded(0.1, ge=0)
+    reward_clip: float = bounded(5.0, gt=0)
+    policy_clip: float = bounded(0.2, gt=0)
+    value_clip: float = bounded(0.2, gt=0)
+    gamma: float = bounded(1.0, ge=0, le=1)
+    lam: float = bounded(0.95, ge=0, le=1)
     whiten_advantages: bool = True
-    ptx_coef: float = 0.0  # unsupervised loss coefficient (needs data.unsupervised_sources)
-    ema: float = 0.0  # EMA decay of the actor for export; 0 disables
+    ptx_coef: float = bounded(0.0, ge=0)  # unsupervised loss coefficient (needs data.unsupervised_sources)
+    ema: float = bounded(0.0, ge=0, lt=1)  # EMA decay of the actor for export; 0 disables
     gather_for_generation: bool = True  # gather ZeRO-3 params once per generation batch
 
 
@@ -190,93 +224,94 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise a one-line error."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type; a ForgeError says why not
+    (the caller adds where the value came from)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
         errors = []
-        for candidate in non_none:
+        for candidate in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, candidate, where)
+                return _coerce(value, candidate)
             except ForgeError as exc:
-                errors.append(str(exc))
-        raise ForgeError(errors[0])
+                errors.append(exc)
+        raise errors[0]
     if origin is Literal:
         for allowed in args:
             if value == allowed or (isinstance(value, str) and str(allowed) == value):
                 return allowed
-        choices = ", ".join(str(a) for a in args)
-        raise ForgeError(f"{where}: {value!r} is not one of {choices}")
+        raise ForgeError(f"{value!r} is not one of {', '.join(str(a) for a in args)}")
     if origin is list:
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
-            raise ForgeError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
+            raise ForgeError(f"expected a list, got {value!r}")
+        return [_coerce(v, args[0]) for v in value]
+    return _coerce_scalar(value, annotation)
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _coerce_scalar(value: Any, annotation: Any) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ForgeError(f"{where}: expected true or false, got {value!r}")
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ForgeError(f"expected true or false, got {value!r}")
     if annotation is int:
-        if isinstance(value, bool):
-            raise ForgeError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ForgeError(f"expected an integer, got {value!r}")
         try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
             return int(value)
         except (TypeError, ValueError):
-            raise ForgeError(f"{where}: expected an integer, got {value!r}") from None
+            raise ForgeError(f"expected an integer, got {value!r}") from None
     if annotation is float:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ForgeError(f"{where}: expected a number, got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise ForgeError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _section_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+            raise ForgeError(f"expected a number, got {value!r}") from None
+    if annotation is str and isinstance(value, (dict, list)):
+        raise ForgeError(f"expected a string, got {value!r}")
+    return str(value) if annotation is str else value
 
 
 def _apply(target: Any, updates: dict[str, Any], where: str) -> None:
-    hints = _section_types(type(target))
+    """Set a YAML mapping's keys on a config section; errors name the file and the key."""
+    hints = typing.get_type_hints(type(target))
     for key, value in updates.items():
         if key not in hints:
-            known = ", ".join(hints)
-            raise ForgeError(f"{where}: unknown key {key!r} (known: {known})")
+            raise ForgeError(f"{where}: unknown key {key!r} (known: {', '.join(hints)})")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ForgeError(f"{where}{key}: expected a mapping, got {value!r}")
             _apply(current, value, f"{where}{key}.")
-        else:
-            setattr(target, key, _coerce(value, hints[key], f"{where}{key}"))
+            continue
+        try:
+            setattr(target, key, _coerce(value, hints[key]))
+        except ForgeError as exc:
+            raise ForgeError(f"{where}{key}: {exc.message}") from None
 
 
-def set_dotted(cfg: Config, key: str, value: Any, label: str | None = None) -> None:
-    """Set one dotted key (e.g. `deepspeed.zero_stage`) with type coercion; errors name `label`."""
+def set_dotted(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key (e.g. `deepspeed.zero_stage`) with type coercion; errors carry the key."""
     *path, name = key.split(".")
     node: Any = cfg
     for part in path:
-        if not hasattr(node, part) or not dataclasses.is_dataclass(getattr(node, part)):
-            raise ForgeError(f"{label or key}: unknown config key {key!r}")
-        node = getattr(node, part)
-    hints = _section_types(type(node))
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            raise ForgeError(f"unknown config key {key!r}", key=key)
+    hints = typing.get_type_hints(type(node))
     if name not in hints or dataclasses.is_dataclass(getattr(node, name)):
-        raise ForgeError(f"{label or key}: unknown config key {key!r}")
-    setattr(node, name, _coerce(value, hints[name], label or key))
+        raise ForgeError(f"unknown config key {key!r}", key=key)
+    try:
+        setattr(node, name, _coerce(value, hints[name]))
+    except ForgeError as exc:
+        raise ForgeError(exc.message, key=key) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -305,14 +340,12 @@ def build_config(
     stage: str,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
-    labels: dict[str, str] | None = None,
     layers: list[tuple[dict[str, Any], str]] | None = None,
 ) -> Config:
     """Defaults <- YAML file <- extra layers <- overrides (dotted keys; None values are skipped),
     then validate.
 
-    `layers` are (mapping, where) pairs applied after the file (the pipeline's per-stage
-    sections); `labels` maps dotted keys to the option names that errors should mention.
+    `layers` are (mapping, where) pairs applied after the file (the pipeline's per-stage sections).
     """
     cfg = Config(stage=stage)
     all_layers = [(load_yaml(config_file), f"{config_file}: ")] if config_file else []
@@ -320,10 +353,8 @@ def build_config(
         _apply(cfg, tree, where)
         cfg.stage = stage
     for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        label = (labels or {}).get(key) or f"--{key.split('.')[-1].replace('_', '-')}"
-        set_dotted(cfg, key, value, label)
+        if value is not None:
+            set_dotted(cfg, key, value)
     validate(cfg)
     return cfg
 
@@ -333,73 +364,41 @@ def parse_split(spec: str) -> tuple[float, float, float]:
     try:
         parts = [float(p) for p in spec.split(",")]
     except ValueError:
-        raise ForgeError(f"--data-split: {spec!r} is not three comma-separated numbers") from None
+        raise ForgeError(f"{spec!r} is not three comma-separated numbers", key="data.split") from None
     if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ForgeError(f"--data-split: {spec!r} must be three non-negative numbers, e.g. 2,4,4")
+        raise ForgeError(f"{spec!r} must be three non-negative numbers, e.g. 2,4,4", key="data.split")
     total = sum(parts)
     return tuple(p / total for p in parts)  # type: ignore[return-value]
+
+
+def check_bounds(node: Any, prefix: str = "") -> None:
+    """Every number finite, every bounded field (see `bounded`) within its bounds."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ForgeError(f"must be a finite number, got {value}", key=key)
+        elif value is not None and "bounds" in f.metadata:
+            problem = f.metadata["bounds"].violation(value)
+            if problem:
+                raise ForgeError(problem, key=key)
 
 
 def validate(cfg: Config) -> None:
     """Checks that need no model, data or launcher. Raises ForgeError with one line."""
     if cfg.stage not in STAGES:
         raise ForgeError(f"unknown stage {cfg.stage!r} (known: {', '.join(STAGES)})")
-    share = parse_split(cfg.data.split)[STAGES.index(cfg.stage)]
-    if share == 0:
-        raise ForgeError(f"--data-split: {cfg.data.split!r} leaves stage {cfg.stage} no data")
-    t = cfg.train
-    positive = {
-        "--per-device-batch-size": t.per_device_batch_size,
-        "--grad-accum": t.grad_accum,
-        "--max-seq-len": cfg.data.max_seq_len,
-        "--max-prompt-len": cfg.data.max_prompt_len,
-        "--epochs": t.epochs,
-        "--log-every": t.log_every,
-        "--keep-last": t.keep_last,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ForgeError(f"{name}: must be at least 1, got {value}")
-    for name, value in {"--max-steps": t.max_steps, "--eval-every": t.eval_every,
-                        "--save-every": t.save_every, "--lora-dim": cfg.model.lora_dim}.items():
-        if value < 0:
-            raise ForgeError(f"{name}: must not be negative, got {value}")
-    for name, value in {"--lr": t.lr, "--weight-decay": t.weight_decay, "--warmup-ratio": t.warmup_ratio,
-                        "--min-lr-ratio": t.min_lr_ratio, "--eval-fraction": cfg.data.eval_fraction,
-                        "--save-every-minutes": t.save_every_minutes, "--peak-tflops": t.peak_tflops,
-                        "--max-dropped-fraction": cfg.data.max_dropped_fraction, "--grad-clip": t.grad_clip}.items():
-        if not math.isfinite(value):
-            raise ForgeError(f"{name}: must be a finite number, got {value}")
-    if t.lr <= 0:
-        raise ForgeError(f"--lr: must be positive, got {t.lr}")
-    if not 0.0 <= cfg.data.max_dropped_fraction <= 1.0:
-        raise ForgeError(f"--max-dropped-fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction}")
-    if cfg.data.eval_max_samples < 0:
-        raise ForgeError(f"--eval-max-samples: must not be negative, got {cfg.data.eval_max_samples}")
-    if not t.dist_timeout_minutes > 0:
-        raise ForgeError(f"--dist-timeout-minutes: must be positive, got {t.dist_timeout_minutes}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ForgeError(f"--eval-fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        raise ForgeError(f"--warmup-ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
-        raise ForgeError(f"--resume: {t.resume!r} is neither auto, never, nor a checkpoint directory")
+    if parse_split(cfg.data.split)[STAGES.index(cfg.stage)] == 0:
+        raise ForgeError(f"{cfg.data.split!r} leaves stage {cfg.stage} no data", key="data.split")
+    check_bounds(cfg)
+    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
+        raise ForgeError(f"{cfg.train.resume!r} is neither auto, never, nor a checkpoint directory", key="train.resume")
     if cfg.stage == "ppo":
-        p = cfg.ppo
-        if p.max_new_tokens < 1:
-            raise ForgeError(f"--max-new-tokens: must be at least 1, got {p.max_new_tokens}")
-        if p.ppo_epochs < 1:
-            raise ForgeError(f"--ppo-epochs: must be at least 1, got {p.ppo_epochs}")
-        if cfg.data.max_prompt_len + p.max_new_tokens > cfg.data.max_seq_len:
-            raise ForgeError(
-                f"--max-prompt-len ({cfg.data.max_prompt_len}) + --max-new-tokens ({p.max_new_tokens}) "
-                f"exceeds --max-seq-len ({cfg.data.max_seq_len})"
-            )
-        if p.ptx_coef > 0 and not cfg.data.unsupervised_sources:
-            raise ForgeError("--ptx-coef: needs --unsupervised-data")
-        if not 0.0 <= p.ema < 1.0:
-            raise ForgeError(f"--ema: must be in [0, 1), got {p.ema}")
-    # DeepSpeed checks that depend on nothing but the config.
-    from forgepipe.deepspeed_config import validate_static
-
-    validate_static(cfg)
+        p, d = cfg.ppo, cfg.data
+        if d.max_prompt_len + p.max_new_tokens > d.max_seq_len:
+            raise ForgeError(f"{label('data.max_prompt_len')} ({d.max_prompt_len}) + {label('ppo.max_new_tokens')} "
+                             f"({p.max_new_tokens}) exceeds {label('data.max_seq_len')} ({d.max_seq_len})")
+        if p.ptx_coef > 0 and not d.unsupervised_sources:
+            raise ForgeError(f"needs {label('data.unsupervised_sources')}", key="ppo.ptx_coef")
+    validate_static(cfg)  # the DeepSpeed rules that depend on nothing but the config

@@ -1,7 +1,8 @@
 """The DeepSpeed JSON for a run, and the checks that refuse impossible setups before launch.
 
 Two kinds of checks:
-- `validate_static(cfg)`: needs only the config; `config.validate()` calls it.
+- `validate_static(cfg)`: needs only the config; `config.validate()` calls it (after the generic
+  bounds of every field, which live beside the fields in config.py).
 - `validate_launch(cfg, world, has_gpu=...)`: needs the launcher's World (ranks per node come from the
   launcher, never from torch.cuda.device_count()) and whether GPUs are present.
 
@@ -22,11 +23,15 @@ not: the training loop owns warm-up and cosine decay.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from forgepipe.config import Config, DeepSpeedConfig
-from forgepipe.distributed import World
 from forgepipe.errors import ForgeError
+from forgepipe.layout import PROFILE_FILE
+from forgepipe.options import label
+
+if TYPE_CHECKING:  # config.py calls validate_static: the types alone come from there
+    from forgepipe.config import Config, DeepSpeedConfig
+    from forgepipe.distributed import World
 
 # The loop logs progress itself; keep DeepSpeed's own step printing out of the way.
 STEPS_PER_PRINT = 1_000_000_000
@@ -38,7 +43,6 @@ ZEROPP_KEYS = ("zero_quantized_weights", "zero_hpz_partition_size", "zero_quanti
 # What the switches mean
 
 
-PROFILE_FILE = "flops_profile.txt"
 
 
 def quantized_weights(ds: DeepSpeedConfig) -> bool:
@@ -59,15 +63,15 @@ def resolve_hpz_size(ds: DeepSpeedConfig, world: World) -> int:
 
 
 def _zeropp_requested(ds: DeepSpeedConfig) -> str | None:
-    """The option that asks for a ZeRO++ feature, or None."""
+    """The config key that asks for a ZeRO++ feature, or None."""
     if ds.zeropp:
-        return "--zeropp"
+        return "deepspeed.zeropp"
     if ds.quantized_weights:
-        return "--quantized-weights"
+        return "deepspeed.quantized_weights"
     if ds.quantized_gradients:
-        return "--quantized-gradients"
+        return "deepspeed.quantized_gradients"
     if ds.hpz_size is not None and ds.hpz_size > 1:
-        return "--hpz-size"
+        return "deepspeed.hpz_size"
     return None
 
 
@@ -78,36 +82,19 @@ def _zeropp_requested(ds: DeepSpeedConfig) -> str | None:
 def validate_static(cfg: Config) -> None:
     """Refuse DeepSpeed settings that cannot work whatever the launcher. One-line ForgeError."""
     ds = cfg.deepspeed
-    if ds.hpz_size is not None and ds.hpz_size < 1:
-        raise ForgeError(f"--hpz-size: must be at least 1, got {ds.hpz_size}")
-    option = _zeropp_requested(ds)
-    if option and ds.zero_stage != 3:
-        raise ForgeError(
-            f"{option}: ZeRO++ (qwZ/hpZ/qgZ) works only with --zero-stage 3 in DeepSpeed, got --zero-stage {ds.zero_stage}"
-        )
+    zero = label("deepspeed.zero_stage")
+    key = _zeropp_requested(ds)
+    if key and ds.zero_stage != 3:
+        raise ForgeError(f"ZeRO++ (qwZ/hpZ/qgZ) works only with {zero} 3 in DeepSpeed, got {zero} {ds.zero_stage}",
+                         key=key)
     if ds.offload == "cpu" and ds.zero_stage < 1:
-        raise ForgeError("--offload cpu: needs --zero-stage 1, 2 or 3 (stage 0 has no optimizer state to offload)")
-    for name, value in {
-        "--param-persistence-threshold": ds.param_persistence_threshold,
-        "--max-live-parameters": ds.max_live_parameters,
-        "--prefetch-bucket-size": ds.prefetch_bucket_size,
-        "--allgather-bucket-size": ds.allgather_bucket_size,
-    }.items():
-        if value < 0:
-            raise ForgeError(f"{name}: must not be negative, got {value}")
-    if ds.reduce_bucket_size < 1:
-        raise ForgeError(f"--reduce-bucket-size: must be at least 1, got {ds.reduce_bucket_size}")
-    if ds.flops_profiler and ds.profile_step < 1:
-        raise ForgeError(f"--profile-step: must be at least 1, got {ds.profile_step}")
-    if cfg.train.grad_clip < 0:
-        raise ForgeError(f"--grad-clip: must not be negative, got {cfg.train.grad_clip}")
+        raise ForgeError(f"{label('deepspeed.offload')} cpu: needs {zero} 1, 2 or 3 "
+                         "(stage 0 has no optimizer state to offload)")
     if cfg.stage == "ppo":
-        p = cfg.ppo
-        critic_stage = ds.zero_stage if p.critic_zero_stage is None else p.critic_zero_stage
+        critic_stage = ds.zero_stage if cfg.ppo.critic_zero_stage is None else cfg.ppo.critic_zero_stage
         if ds.offload == "cpu" and critic_stage < 1:
-            raise ForgeError("--offload cpu: needs --critic-zero-stage 1, 2 or 3 (the critic trains with ZeRO too)")
-        if p.critic_lr <= 0:
-            raise ForgeError(f"--critic-lr: must be positive, got {p.critic_lr}")
+            raise ForgeError(f"{label('deepspeed.offload')} cpu: needs {label('ppo.critic_zero_stage')} 1, 2 or 3 "
+                             "(the critic trains with ZeRO too)")
 
 
 def validate_launch(cfg: Config, world: World, *, has_gpu: bool) -> None:
@@ -123,14 +110,14 @@ def validate_launch(cfg: Config, world: World, *, has_gpu: bool) -> None:
     hpz = resolve_hpz_size(ds, world)
     # hpZ's secondary copy must stay inside a node; as nodes are full, dividing the node divides the world.
     if ds.zero_stage == 3 and hpz > 1 and world.local_world_size % hpz:
-        raise ForgeError(f"--hpz-size: {hpz} must divide ranks per node ({world.local_world_size}) and the world size")
+        raise ForgeError(f"{hpz} must divide ranks per node ({world.local_world_size}) and the world size",
+                         key="deepspeed.hpz_size")
     if not has_gpu and (quantized_weights(ds) or quantized_gradients(ds)):
         # DeepSpeed's CPU accelerator has no QuantizerBuilder.
-        option = "--zeropp" if ds.zeropp else ("--quantized-weights" if ds.quantized_weights else "--quantized-gradients")
+        key = "deepspeed.zeropp" if ds.zeropp else _zeropp_requested(ds)
         raise ForgeError(
-            f"{option}: ZeRO++ quantized weights/gradients (qwZ/qgZ) are not implemented on the CPU backend; "
-            "run on GPUs or turn off --zeropp / use --hpz-size only"
-        )
+            "ZeRO++ quantized weights/gradients (qwZ/qgZ) are not implemented on the CPU backend; "
+            f"run on GPUs or turn off {label('deepspeed.zeropp')} / use {label('deepspeed.hpz_size')} only", key=key)
 
 
 # ---------------------------------------------------------------------------
@@ -233,13 +220,14 @@ def build_ds_config(
     stage = ds.zero_stage if zero_stage is None else zero_stage
     offload = ds.offload if offload is None else offload
     if stage not in (0, 1, 2, 3):
-        raise ForgeError(f"--zero-stage: {stage!r} is not one of 0, 1, 2, 3")
+        raise ForgeError(f"{stage!r} is not one of 0, 1, 2, 3", key="deepspeed.zero_stage")
     if offload not in ("none", "cpu"):
-        raise ForgeError(f"--offload: {offload!r} is not one of none, cpu")
+        raise ForgeError(f"{offload!r} is not one of none, cpu", key="deepspeed.offload")
     if not train and stage in (1, 2):
         stage = 0
     if train and offload == "cpu" and stage == 0:
-        raise ForgeError("--offload cpu: needs --zero-stage 1, 2 or 3 (stage 0 has no optimizer state to offload)")
+        raise ForgeError(f"{label('deepspeed.offload')} cpu: needs {label('deepspeed.zero_stage')} 1, 2 or 3 "
+                         "(stage 0 has no optimizer state to offload)")
 
     accum = t.grad_accum if train else 1
     out: dict[str, Any] = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,13 +24,13 @@ from tqdm.auto import tqdm
 
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import save_checkpoint
+from forgepipe.config import TrainConfig
 from forgepipe.distributed import World
-from forgepipe.errors import ForgeError
+from forgepipe.signals import Preempted, StopRequest
 from forgepipe.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 85  # the batch scripts resubmit a job that ended with this status
 
 
 # ---------------------------------------------------------------------------
@@ -130,40 +129,6 @@ class LoopState:
         return cls(**known)
 
 
-class StopRequest:
-    """Set by SIGUSR1/SIGTERM (Slurm's warning before the walltime); checked between steps.
-
-    Every rank must stop at the same step (the checkpoint is collective), so the flag is
-    combined over ranks before it is acted on.
-    """
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    def install(self) -> StopRequest:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def agreed(self) -> bool:
-        return dist.all_reduce_sum([1.0 if self.signal is not None else 0.0])[0] > 0
-
-    def reason(self) -> str:
-        return f"signal {self.signal}" if self.signal is not None else "a signal to another rank"
-
-
-# The process's one stop request, shared by the stages of a pipeline: a signal that arrives
-# between two stages (during an export, say) still stops the next one.
-STOP = StopRequest()
-
-
-class Preempted(Exception):
-    """Raised after the stop checkpoint is written; the CLI exits with EXIT_PREEMPTED."""
-
-
 # ---------------------------------------------------------------------------
 # The step driver: what every stage's loop shares
 
@@ -182,6 +147,13 @@ class LoopSettings:
     keep_last: int
     flops_per_token: float = 0.0  # 6N; gives perf/model_tflops_per_s per device
     peak_tflops: float = 0.0  # gives perf/mfu
+
+    @classmethod
+    def from_train(cls, t: TrainConfig) -> LoopSettings:
+        return cls(epochs=t.epochs, max_steps=t.max_steps, micro_batch=t.per_device_batch_size,
+                   grad_accum=t.grad_accum, seed=t.seed, log_every=t.log_every, eval_every=t.eval_every,
+                   save_every=t.save_every, save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
+                   peak_tflops=t.peak_tflops)
 
 
 def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]], run_unit: Callable[[Any], bool],
@@ -304,11 +276,7 @@ def train_loop(
     is a micro-batch: collated and its real tokens counted on the host, then copied to the device,
     forward, backward, and DeepSpeed steps at the accumulation boundary."""
     s = settings
-    steps_total = total_steps(len(train_data), world.world_size, s)
-    if steps_total == 0:
-        raise ForgeError(
-            f"--per-device-batch-size: {len(train_data)} training samples are fewer than one optimizer step "
-            f"({world.world_size} ranks x {s.micro_batch} x {s.grad_accum}); use a smaller batch or more data")
+    steps_total = total_steps(len(train_data), world.world_size, s)  # > 0: RunRecord.build_engine checked
     device = engine.device
     window = MetricWindow(device)
 

@@ -21,11 +21,9 @@ from urllib.parse import urlparse
 from forgepipe.config import STAGES, Config, parse_split
 from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
+from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, MODEL_SUBDIR, RUN_FILE, StageResult
+from forgepipe.options import label
 
-RUN_FILE = "forgepipe-run.json"  # also stages/common.py
-CHECKPOINT_DIR = "checkpoints"
-LOOP_STATE = "loop_state.json"
-MODEL_SUBDIR = "model"
 FULL_SCAN_BYTES = 256 << 20  # larger JSON files: only their first SCAN_LINES lines are read here
 SCAN_LINES = 1000
 TRACKING_TIMEOUT_S = 3.0
@@ -70,24 +68,25 @@ def earlier_run(output_dir: Path) -> str | None:
 def check_output_dir(cfg: Config) -> None:
     """--output-dir is usable, and an earlier run in it is only replaced when the user says so."""
     if not cfg.output_dir:
-        raise ForgeError("--output-dir: required")
+        raise ForgeError("required", key="output_dir")
     out = Path(cfg.output_dir)
     check_writable_dir(out, "--output-dir")
     resume = cfg.train.resume
     if resume not in ("auto", "never"):
         state = Path(resume) / LOOP_STATE
         if not state.is_file():
-            raise ForgeError(f"--resume: {resume} is not a complete forgepipe checkpoint (no {LOOP_STATE})")
+            raise ForgeError(f"{resume} is not a complete forgepipe checkpoint (no {LOOP_STATE})", key="train.resume")
         try:
             json.loads(state.read_text())
         except (OSError, ValueError) as exc:
-            raise ForgeError(f"--resume: {state} is unreadable ({type(exc).__name__})") from None
+            raise ForgeError(f"{state} is unreadable ({type(exc).__name__})", key="train.resume") from None
     if resume == "never" and not cfg.overwrite:
         found = earlier_run(out)
         if found:
             raise ForgeError(
-                f"--output-dir: {out} holds {found}; --resume never would mix or replace it. Pass --overwrite "
-                "to remove it first, --resume auto to continue it, or choose another --output-dir"
+                f"{out} holds {found}; --resume never would mix or replace it. Pass --overwrite "
+                "to remove it first, --resume auto to continue it, or choose another --output-dir",
+                key="output_dir",
             )
 
 
@@ -139,19 +138,20 @@ def resume_changes(before: dict[str, Any], flat: dict[str, Any], world_size: int
         stage = flat.get("stage")
         zero = flat.get("deepspeed.zero_stage")
         if stage not in WORLD_SIZE_STAGES or not old_config:
-            raise ForgeError(f"--resume: {where} was written with world_size={old_world!r}, this run has "
-                             f"{world_size!r}; stage {stage} resumes at the same number of ranks only")
+            raise ForgeError(f"{where} was written with world_size={old_world!r}, this run has "
+                             f"{world_size!r}; stage {stage} resumes at the same number of ranks only", key="train.resume")
         if zero == 0:
-            raise ForgeError(f"--resume: {where} was written by {old_world} ranks, this run has {world_size}; "
-                             "another world size needs --zero-stage 1, 2 or 3 (DeepSpeed's universal checkpoint)")
+            raise ForgeError(f"{where} was written by {old_world} ranks, this run has {world_size}; "
+                             "another world size needs --zero-stage 1, 2 or 3 (DeepSpeed's universal checkpoint)", key="train.resume")
         old_step = old_world * old_config["train.per_device_batch_size"] * old_config["train.grad_accum"]
         new_step = world_size * flat["train.per_device_batch_size"] * flat["train.grad_accum"]
         if old_step != new_step:
             raise ForgeError(
-                f"--grad-accum: {where} was written by {old_world} ranks x batch "
+                f"{where} was written by {old_world} ranks x batch "
                 f"{old_config['train.per_device_batch_size']} x accumulation {old_config['train.grad_accum']} = "
                 f"{old_step} samples a step; with {world_size} ranks set --per-device-batch-size and --grad-accum "
-                f"so that ranks x batch x accumulation = {old_step}"
+                f"so that ranks x batch x accumulation = {old_step}",
+                key="train.grad_accum",
             )
         for key in ("train.per_device_batch_size", "train.grad_accum"):
             if key in refused:
@@ -159,15 +159,9 @@ def resume_changes(before: dict[str, Any], flat: dict[str, Any], world_size: int
         honoured["world_size"] = (old_world, world_size)
     if refused:
         key, (old, new) = next(iter(refused.items()))
-        raise ForgeError(f"--resume: {option_name(key)} cannot change on resume ({where} was written with "
-                         f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite")
+        raise ForgeError(f"{label(key)} cannot change on resume ({where} was written with "
+                         f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite", key="train.resume")
     return honoured
-
-
-def option_name(key: str) -> str:
-    from forgepipe.cli import LABELS
-
-    return LABELS.get(key, key)
 
 
 def check_resume_config(cfg: Config) -> None:
@@ -207,20 +201,20 @@ def check_tracking(uri: str | None) -> None:
         check_writable_dir(db.parent, "--tracking-uri")
         if db.exists():
             if not db.is_file():
-                raise ForgeError(f"--tracking-uri: {db} is not a file")
+                raise ForgeError(f"{db} is not a file", key="tracking.uri")
             if not os.access(db, os.R_OK | os.W_OK):
-                raise ForgeError(f"--tracking-uri: {db} is not writable")
+                raise ForgeError(f"{db} is not writable", key="tracking.uri")
             with open(db, "rb") as f:
                 head = f.read(16)
             if head and head != b"SQLite format 3\x00":
-                raise ForgeError(f"--tracking-uri: {db} is not an SQLite database")
+                raise ForgeError(f"{db} is not an SQLite database", key="tracking.uri")
     elif parsed.scheme in ("http", "https"):
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             socket.create_connection((parsed.hostname or "", port), timeout=TRACKING_TIMEOUT_S).close()
         except OSError as exc:
-            raise ForgeError(f"--tracking-uri: {uri} is unreachable ({exc.strerror or type(exc).__name__}, "
-                             f"waited {TRACKING_TIMEOUT_S:g} s)") from None
+            raise ForgeError(f"{uri} is unreachable ({exc.strerror or type(exc).__name__}, "
+                             f"waited {TRACKING_TIMEOUT_S:g} s)", key="tracking.uri") from None
         check_mlflow_server(uri)
     elif parsed.scheme in ("", "file"):
         check_writable_dir(Path(parsed.path or uri), "--tracking-uri")
@@ -242,10 +236,10 @@ def check_mlflow_server(uri: str) -> None:
     except urllib.error.HTTPError as exc:
         status = exc.code
     except (OSError, ValueError) as exc:
-        raise ForgeError(f"--tracking-uri: {uri} does not answer ({getattr(exc, 'reason', exc)}, "
-                         f"waited {TRACKING_TIMEOUT_S:g} s)") from None
+        raise ForgeError(f"{uri} does not answer ({getattr(exc, 'reason', exc)}, "
+                         f"waited {TRACKING_TIMEOUT_S:g} s)", key="tracking.uri") from None
     if status != 200:
-        raise ForgeError(f"--tracking-uri: {uri} is not an MLflow tracking server (GET /health: HTTP {status})")
+        raise ForgeError(f"{uri} is not an MLflow tracking server (GET /health: HTTP {status})", key="tracking.uri")
 
 
 # ---------------------------------------------------------------------------
@@ -312,20 +306,20 @@ def check_models(cfg: Config) -> None:
         if path is not None:
             kind, what = model_kind(path, "--model")
             if kind == "classifier":
-                raise ForgeError(f"--model: {path} is {what}, not a scalar reward model (num_labels 1)")
+                raise ForgeError(f"{path} is {what}, not a scalar reward model (num_labels 1)", key="model.name_or_path")
     if cfg.stage == "ppo":
         if not cfg.ppo.reward_model:
-            raise ForgeError("--reward: required")
+            raise ForgeError("required", key="ppo.reward_model")
         path = _model_dir(cfg.ppo.reward_model, catalog, "--reward")
         if path is not None:
             kind, what = model_kind(path, "--reward")
             if kind != "scalar":
-                raise ForgeError(f"--reward: {path} is {what}, not a reward model export (no scalar head); "
-                                 "give the output of `forgepipe reward`")
+                raise ForgeError(f"{path} is {what}, not a reward model export (no scalar head); "
+                                 "give the output of `forgepipe reward`", key="ppo.reward_model")
         if cfg.ppo.critic_model:
             path = _model_dir(cfg.ppo.critic_model, catalog, "--critic")
             if path is not None and model_kind(path, "--critic")[0] == "classifier":
-                raise ForgeError(f"--critic: {path} is {model_kind(path, '--critic')[1]}, not a scalar model")
+                raise ForgeError(f"{path} is {model_kind(path, '--critic')[1]}, not a scalar model", key="ppo.critic_model")
 
 
 # ---------------------------------------------------------------------------
@@ -451,7 +445,7 @@ def check_data(cfg: Config, required: bool = True) -> None:
     """Every --data source exists, is UTF-8, parses, has a known format and enough usable rows."""
     if not cfg.data.sources:
         if required:
-            raise ForgeError("--data: at least one data source is required")
+            raise ForgeError("at least one data source is required", key="data.sources")
         return
     keep = (cfg.reward.margin_field,) if cfg.stage == "reward" and cfg.reward.margin_field else ()
     counts = [check_source(s, cfg.stage, cfg, keep) for s in cfg.data.sources]
@@ -498,13 +492,12 @@ def check_shown(cfg: Config) -> None:
     check_data(cfg, required=False)
 
 
-def finished_stage(cfg: Config) -> str | None:
-    """The model a stage already exported (its run file), unless resuming is off: a pipeline skips
+def finished_stage(cfg: Config) -> StageResult | None:
+    """What a stage already finished (its run file), unless resuming is off: a pipeline skips
     that stage, whatever the world size or options of this launch."""
-    run_file = Path(cfg.output_dir) / RUN_FILE
-    if cfg.train.resume == "never" or cfg.overwrite or not run_file.is_file():
+    if cfg.train.resume == "never" or cfg.overwrite or not (Path(cfg.output_dir) / RUN_FILE).is_file():
         return None
-    return json.loads(run_file.read_text())["model_dir"]
+    return StageResult.read(cfg.output_dir)
 
 
 def check_pipeline(configs: dict[str, Config]) -> None:

@@ -63,7 +63,8 @@ def test_the_meta_world_refuses_a_host_tensor_as_nccl_does(meta_world):
 
 
 def _helpers():
-    from forgepipe.loop import StopRequest, memory_metrics
+    from forgepipe.loop import memory_metrics
+    from forgepipe.signals import StopRequest
 
     return {
         "all_reduce_sum of floats": lambda: dist.all_reduce_sum([1.0, 2.0]),
@@ -144,7 +145,8 @@ from pathlib import Path
 
 import torch
 from forgepipe import distributed as dist
-from forgepipe.loop import StopRequest, memory_metrics
+from forgepipe.loop import memory_metrics
+from forgepipe.signals import StopRequest
 
 world = dist.init_distributed(dist.detect_world())
 r = world.rank

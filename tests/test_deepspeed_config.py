@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from forgepipe.config import Config, build_config
+from forgepipe.config import Config, build_config, validate
 from forgepipe.deepspeed_config import (
     build_ds_config,
     resolve_hpz_size,
@@ -37,16 +39,30 @@ def make(stage: str = "sft", **deepspeed) -> Config:
         ({"quantized_weights": True, "zero_stage": 1}, "--quantized-weights"),
         ({"quantized_gradients": True, "zero_stage": 2}, "--quantized-gradients"),
         ({"hpz_size": 2, "zero_stage": 0}, "--hpz-size"),
-        ({"hpz_size": 0}, "--hpz-size"),
         ({"offload": "cpu", "zero_stage": 0}, "--offload"),
-        ({"reduce_bucket_size": 0}, "--reduce-bucket-size"),
-        ({"flops_profiler": True, "profile_step": 0}, "--profile-step"),
     ],
 )
 def test_validate_static_refuses(settings, option):
     with pytest.raises(ForgeError, match=f"^{option}[: ]") as err:
         validate_static(make(**settings))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        # Bounds live beside the fields (config.bounded) and are checked for every key alike; a key
+        # without an option of its own is named by its dotted key (set in YAML or `config show`).
+        ({"hpz_size": 0}, "--hpz-size: must be at least 1, got 0"),
+        ({"reduce_bucket_size": 0}, "deepspeed.reduce_bucket_size: must be at least 1, got 0"),
+        ({"profile_step": 0}, "deepspeed.profile_step: must be at least 1, got 0"),
+        ({"prefetch_bucket_size": -1}, "deepspeed.prefetch_bucket_size: must not be negative, got -1"),
+    ],
+)
+def test_deepspeed_bounds_name_the_key(settings, message):
+    with pytest.raises(ForgeError, match=f"^{re.escape(message)}$") as err:
+        validate(make(**settings))
+    assert err.value.key == f"deepspeed.{next(iter(settings))}"
 
 
 def test_validate_static_ppo_critic_stage_with_offload():

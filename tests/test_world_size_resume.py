@@ -52,7 +52,7 @@ def test_resume_at_another_world_size_continues_the_loss_curve(zero, tiny_model,
     got = metric_values(client, chain.info.run_id, "sft/loss")
     want = metric_values(ref_client, reference.info.run_id, "sft/loss")
     assert len(got) == len(want) == 12  # one run, no step logged twice
-    # Float noise only. (Before stages/common.py unshared the Adam step tensors that DeepSpeed's
+    # Float noise only. (Before stages/record.py unshared the Adam step tensors that DeepSpeed's
     # ZeRO-3 universal load gives all parameter groups, ZeRO-3 drifted by ~0.2% after 8 steps.)
     assert got == pytest.approx(want, rel=1e-5)
     assert chain.data.tags["resumed.world_size"] == "2->1"

@@ -62,7 +62,7 @@ def load_stage_data(
     import datasets
 
     if not sources:
-        raise ForgeError("--data: no data sources given")
+        raise ForgeError("no data sources given", key="data.sources")
     if stage not in STAGES:
         raise ForgeError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
     shares = parse_split(split)
@@ -94,6 +94,6 @@ def load_text_data(sources: Sequence[str], seed: int) -> datasets.Dataset:
     import datasets
 
     if not sources:
-        raise ForgeError("--unsupervised-data: no sources given")
+        raise ForgeError("no sources given", key="data.unsupervised_sources")
     ds = datasets.concatenate_datasets([_load_normalised(s) for s in sources])
     return ds.shuffle(seed=seed)

@@ -110,7 +110,7 @@ def resolve_model(name_or_path: str, catalog: str | None = None) -> str:
     else is passed through as a Hub id (offline loading then fails in load.py, clearly).
     """
     if not name_or_path:
-        raise ForgeError("--model: no model given (a catalog name such as forge-s, or a directory)")
+        raise ForgeError("no model given (a catalog name such as forge-s, or a directory)", key="model.name_or_path")
     local = Path(os.path.expanduser(name_or_path))
     if local.is_dir():
         return str(local)

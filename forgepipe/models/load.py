@@ -39,7 +39,7 @@ LORA_TARGETS: dict[str, list[str]] = {
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ForgeError(f"--dtype: {name!r} is not one of {', '.join(_DTYPES)}")
+        raise ForgeError(f"{name!r} is not one of {', '.join(_DTYPES)}", key="train.dtype")
     return _DTYPES[name]
 
 
@@ -116,8 +116,8 @@ def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
         return
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     which = f"none of {targets}" if len(missing) == len(targets) else f"{missing} of {targets}"
-    raise ForgeError(f"--lora-target-modules: {which} matches a module of {model_type} "
-                     f"(its linear layers: {', '.join(linear_module_names(model))})")
+    raise ForgeError(f"{which} matches a module of {model_type} "
+                     f"(its linear layers: {', '.join(linear_module_names(model))})", key="model.lora_target_modules")
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
@@ -131,7 +131,7 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str = "CAU
     try:
         return get_peft_model(model, config)
     except ValueError as exc:  # e.g. a target that is a container, not a layer
-        raise ForgeError(f"--lora-target-modules: {str(exc).splitlines()[0]}") from None
+        raise ForgeError(f"{str(exc).splitlines()[0]}", key="model.lora_target_modules") from None
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -169,7 +169,7 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     except ValueError as exc:  # "... does not support activation checkpointing"
-        raise ForgeError(f"--gradient-checkpointing: {exc}") from None
+        raise ForgeError(f"{exc}", key="model.gradient_checkpointing") from None
     model.config.use_cache = False
 
 

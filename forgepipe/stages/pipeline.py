@@ -15,8 +15,9 @@ from typing import Any
 from forgepipe import distributed as dist
 from forgepipe.config import STAGES, Config, build_config, load_yaml
 from forgepipe.errors import ForgeError
-from forgepipe.loop import Preempted
+from forgepipe.layout import StageResult
 from forgepipe.preflight import finished_stage
+from forgepipe.signals import Preempted
 from forgepipe.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,7 @@ PIPELINE_FILE = "forgepipe-pipeline.json"
 
 
 def pipeline_configs(model: str | None, reward_model: str | None, output_dir: str | None,
-                     config_file: str | None, overrides: dict[str, Any],
-                     labels: dict[str, str] | None = None) -> dict[str, Config]:
+                     config_file: str | None, overrides: dict[str, Any]) -> dict[str, Config]:
     """One validated config per stage: shared YAML keys, then the stage's `stages.<name>` section,
     then the command line (which applies to every stage)."""
     tree = load_yaml(config_file) if config_file else {}
@@ -37,9 +37,9 @@ def pipeline_configs(model: str | None, reward_model: str | None, output_dir: st
     model = model or tree.get("model", {}).get("name_or_path")
     output_dir = output_dir or tree.get("output_dir")
     if not model:
-        raise ForgeError("--model: required")
+        raise ForgeError("required", key="model.name_or_path")
     if not output_dir:
-        raise ForgeError("--output-dir: required")
+        raise ForgeError("required", key="output_dir")
     out = Path(output_dir)
     stage_models = {
         "sft": {"model.name_or_path": model},
@@ -52,7 +52,7 @@ def pipeline_configs(model: str | None, reward_model: str | None, output_dir: st
         if sections.get(stage):
             layers.append((sections[stage], f"{config_file}: stages.{stage}."))
         stage_overrides = {**overrides, **stage_models[stage], "output_dir": str(out / stage)}
-        configs[stage] = build_config(stage, None, stage_overrides, labels, layers=layers)
+        configs[stage] = build_config(stage, None, stage_overrides, layers=layers)
     return configs
 
 
@@ -65,12 +65,12 @@ def preflight(configs: dict[str, Config]) -> None:
     resolve_model(configs["reward"].model.name_or_path, configs["reward"].model.catalog)
     for stage, cfg in configs.items():
         if not cfg.data.sources:
-            raise ForgeError("--data: at least one data source is required")
+            raise ForgeError("at least one data source is required", key="data.sources")
         load_stage_data(cfg.data.sources, stage, cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
                         max_dropped_fraction=cfg.data.max_dropped_fraction)
 
 
-def run_pipeline(configs: dict[str, Config]) -> str:
+def run_pipeline(configs: dict[str, Config]) -> StageResult:
     from forgepipe.stages.ppo.trainer import run_ppo
     from forgepipe.stages.reward import run_reward
     from forgepipe.stages.sft import run_sft
@@ -97,16 +97,15 @@ def run_pipeline(configs: dict[str, Config]) -> str:
             for stage, cfg in configs.items():
                 tracker.log_text(cfg.to_yaml(), f"config-{stage}.yaml")
         parent_id = dist.broadcast_object(tracker.run_id)
-        model_dir = ""
         for stage in STAGES:
-            model_dir = finished_stage(configs[stage])
-            if model_dir:
-                log.info("stage %s already finished: %s", stage, model_dir)
+            result = finished_stage(configs[stage])
+            if result:
+                log.info("stage %s already finished: %s", stage, result.model_dir)
                 continue
-            model_dir = runners[stage](configs[stage], parent_run_id=parent_id)
-            tracker.set_tags({f"{stage}_model_dir": model_dir})
+            result = runners[stage](configs[stage], parent_run_id=parent_id)
+            tracker.set_tags({f"{stage}_model_dir": result.model_dir})
         status = "FINISHED"
-        return model_dir
+        return result
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, Preempted) else "FAILED"
         raise

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from forgepipe.config import Config
+from forgepipe.layout import StageResult
 from forgepipe.data.collate import PairCollator
 from forgepipe.data.tokenize import tokenize_pairs
 from forgepipe.models.load import LoraSettings
@@ -86,6 +87,6 @@ REWARD = SupervisedStage("reward", prepare=prepare, build_model=build_model, los
                          keep_fields=lambda cfg: [cfg.reward.margin_field] if cfg.reward.margin_field else [])
 
 
-def run_reward(cfg: Config, parent_run_id: str | None = None) -> str:
+def run_reward(cfg: Config, parent_run_id: str | None = None) -> StageResult:
     """Train and export the reward model; returns the export directory."""
     return run_supervised(REWARD, cfg, parent_run_id)

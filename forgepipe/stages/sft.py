@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from forgepipe.config import Config
+from forgepipe.layout import StageResult
 from forgepipe.data.collate import SFTCollator, pack_sequences
 from forgepipe.data.tokenize import tokenize_sft
 from forgepipe.models.load import LoraSettings, load_causal_lm
@@ -54,6 +55,6 @@ def build_model(cfg: Config, path: str, tokenizer, gradient_checkpointing: bool)
 SFT = SupervisedStage("sft", prepare=prepare, build_model=build_model, loss=lm_loss, evaluate=evaluate_lm)
 
 
-def run_sft(cfg: Config, parent_run_id: str | None = None) -> str:
+def run_sft(cfg: Config, parent_run_id: str | None = None) -> StageResult:
     """Train and export; returns the exported model directory."""
     return run_supervised(SFT, cfg, parent_run_id)

@@ -20,10 +20,11 @@ from forgepipe.config import Config
 from forgepipe.data import load_stage_data
 from forgepipe.deepspeed_config import build_ds_config
 from forgepipe.engine import train_flops_per_token
-from forgepipe.loop import eval_batches, to_device, total_steps, train_loop
+from forgepipe.layout import MODEL_SUBDIR, StageResult, resolve_stage_output
+from forgepipe.loop import LoopSettings, eval_batches, to_device, total_steps, train_loop
 from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import load_tokenizer
-from forgepipe.stages.common import MODEL_SUBDIR, StageRun, loop_settings, resolve_stage_output
+from forgepipe.stages.context import StageContext
 
 
 @dataclass
@@ -48,6 +49,9 @@ class SupervisedStage:
     # (engine, data, collate, batch size, world) -> eval metrics
     evaluate: Callable[..., dict[str, float]]
     keep_fields: Callable[[Config], Sequence[str]] = lambda cfg: ()  # raw fields beyond the format's
+    # At each evaluation, after `evaluate`, on every rank: (engine, eval data, cfg, tokenizer, tracker,
+    # step) -> None. What people read: SFT's generations, the reward model's scored pairs (issue 14).
+    show: Callable[..., None] | None = None
 
 
 @torch.no_grad()
@@ -64,9 +68,9 @@ def evaluation_sums(engine, data, collate, batch_size: int, world: dist.World,
     return dist.all_reduce_sum(total) if total else []
 
 
-def run_supervised(stage: SupervisedStage, cfg: Config, parent_run_id: str | None = None) -> str:
-    """Train and export; returns the exported model directory."""
-    with StageRun(cfg, parent_run_id=parent_run_id) as run:
+def run_supervised(stage: SupervisedStage, cfg: Config, parent_run_id: str | None = None) -> StageResult:
+    """Train and export."""
+    with StageContext(cfg, parent_run_id) as ctx:
         model_path = resolve_stage_output(resolve_model(cfg.model.name_or_path, cfg.model.catalog))
         tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
         d = cfg.data
@@ -74,11 +78,11 @@ def run_supervised(stage: SupervisedStage, cfg: Config, parent_run_id: str | Non
                                               keep_fields=stage.keep_fields(cfg),
                                               max_dropped_fraction=d.max_dropped_fraction,
                                               eval_max_samples=d.eval_max_samples)
-        data = stage.prepare(cfg, tokenizer, train_raw, eval_raw, run.cache_dir)
-        settings = loop_settings(cfg)
-        steps = total_steps(len(data.train), run.world.world_size, settings)
-        ds_json = build_ds_config(cfg, run.world)
-        run.begin(fingerprint=run.data_fingerprint(model_path), ds_configs={"model": ds_json})
+        data = stage.prepare(cfg, tokenizer, train_raw, eval_raw, ctx.cache_dir)
+        settings = LoopSettings.from_train(cfg.train)
+        steps = total_steps(len(data.train), ctx.world.world_size, settings)
+        ds_json = build_ds_config(cfg, ctx.world)
+        run = ctx.begin(models={"model": model_path}, ds_configs={"model": ds_json})
         run.tracker.log_params({**data.params, "train.total_steps": steps})
 
         engine = run.build_engine(
@@ -89,15 +93,17 @@ def run_supervised(stage: SupervisedStage, cfg: Config, parent_run_id: str | Non
         evaluate = None
         if data.eval is not None and len(data.eval):
             def evaluate(e):
-                return stage.evaluate(e, data.eval, data.collate, cfg.train.per_device_batch_size, run.world)
+                metrics = stage.evaluate(e, data.eval, data.collate, cfg.train.per_device_batch_size, run.world)
+                if stage.show is not None:
+                    stage.show(e, data.eval, cfg, tokenizer, run.tracker, run.state.step)
+                return metrics
         run.state = train_loop(
             engine=engine, train_data=data.train, collate=data.collate, loss_fn=stage.loss, evaluate=evaluate,
             settings=settings, world=run.world, tracker=run.tracker, output_dir=cfg.output_dir, state=run.state,
             stop=run.stop,
         )
         model_dir = export_pretrained(
-            engine, run.output_dir / MODEL_SUBDIR, lambda: stage.build_model(cfg, model_path, tokenizer, False),
+            engine, ctx.output_dir / MODEL_SUBDIR, lambda: stage.build_model(cfg, model_path, tokenizer, False),
             tokenizer, metadata={"stage": stage.name, "base_model": model_path, "mlflow_run_id": run.state.run_id},
         )
-        run.finish(model_dir)
-        return str(model_dir)
+        return run.finish(model_dir)

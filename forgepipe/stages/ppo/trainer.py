@@ -25,11 +25,12 @@ from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
 from forgepipe.deepspeed_config import build_ds_config
 from forgepipe.errors import ForgeError
-from forgepipe.loop import drive, epoch_order, memory_metrics, rank_batches
+from forgepipe.layout import MODEL_SUBDIR, StageResult, resolve_stage_output
+from forgepipe.loop import LoopSettings, drive, epoch_order, memory_metrics, rank_batches
 from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import LoraSettings, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
-from forgepipe.stages.common import MODEL_SUBDIR, StageRun, loop_settings, resolve_stage_output
+from forgepipe.stages.context import StageContext
 from forgepipe.stages.ppo.experience import (
     Experience,
     actor_logprobs,
@@ -38,6 +39,7 @@ from forgepipe.stages.ppo.experience import (
     wall_clock,
 )
 from forgepipe.stages.ppo.losses import ema_update, masked_mean, policy_loss, value_loss
+from forgepipe.stages.record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +275,9 @@ class PPOInputs:
     optimizer_steps: int
 
 
-def prepare_inputs(cfg: Config, run: StageRun) -> PPOInputs:
+def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
     """Paths, tokenizers, prompts and step counts; every check that needs no model."""
-    p, world = cfg.ppo, run.world
+    p, world = cfg.ppo, ctx.world
     actor_path = _model_path(cfg.model.name_or_path, cfg, "--actor")
     reward_path = _model_path(p.reward_model, cfg, "--reward")
     critic_path = _model_path(p.critic_model, cfg, "--critic") if p.critic_model else reward_path
@@ -295,7 +297,7 @@ def prepare_inputs(cfg: Config, run: StageRun) -> PPOInputs:
     gen_batch, micro_batches = ppo_batch_sizes(cfg)
     train_raw, _ = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
                                    max_dropped_fraction=cfg.data.max_dropped_fraction)
-    prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, run.cache_dir)
+    prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, ctx.cache_dir)
     per_epoch = len(prompts) // (world.world_size * gen_batch)
     if per_epoch == 0:
         raise ForgeError(f"--generation-batch-size: {len(prompts)} prompts are fewer than one experience batch "
@@ -305,7 +307,7 @@ def prepare_inputs(cfg: Config, run: StageRun) -> PPOInputs:
     ptx_data = None
     if p.ptx_coef > 0:
         ptx_data = tokenize_text(load_text_data(cfg.data.unsupervised_sources, cfg.train.seed), tokenizer,
-                                 cfg.data.max_seq_len, run.cache_dir)
+                                 cfg.data.max_seq_len, ctx.cache_dir)
     return PPOInputs(actor_path, reward_path, critic_path, tokenizer, reward_tokenizer, mismatch, prompts, ptx_data,
                      gen_batch, micro_batches, steps, steps * p.ppo_epochs * micro_batches // cfg.train.grad_accum)
 
@@ -334,7 +336,7 @@ class PPOModels:
     build_actor: Any  # () -> a fresh actor module (the export's CPU rebuild)
 
 
-def build_models(cfg: Config, run: StageRun, inputs: PPOInputs, ds_configs: dict[str, dict]) -> PPOModels:
+def build_models(cfg: Config, run: RunRecord, inputs: PPOInputs, ds_configs: dict[str, dict]) -> PPOModels:
     """The four engines, on this rank's device (each loads straight into ZeRO-3 partitions at stage 3)."""
     p, i = cfg.ppo, inputs
     actor_lora = LoraSettings.from_model_config(cfg.model)
@@ -357,7 +359,7 @@ def build_models(cfg: Config, run: StageRun, inputs: PPOInputs, ds_configs: dict
     return PPOModels(actor, critic, ref, reward, build_actor)
 
 
-def initial_ema(cfg: Config, run: StageRun, actor) -> dict[str, torch.Tensor] | None:
+def initial_ema(cfg: Config, run: RunRecord, actor) -> dict[str, torch.Tensor] | None:
     """The EMA copy: from the checkpoint when resuming, else the starting actor (None when off)."""
     if cfg.ppo.ema <= 0:
         return None
@@ -367,7 +369,7 @@ def initial_ema(cfg: Config, run: StageRun, actor) -> dict[str, torch.Tensor] | 
     return update_ema(None, actor, cfg.ppo.ema, run.world)
 
 
-def ppo_loop(cfg: Config, run: StageRun, inputs: PPOInputs, models: PPOModels,
+def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
              ema: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """PPO steps through the step driver: one unit is one experience batch (sample, score, then
     `ppo_epochs` passes of updates). Returns the EMA copy (rank 0)."""
@@ -421,21 +423,18 @@ def ppo_loop(cfg: Config, run: StageRun, inputs: PPOInputs, models: PPOModels,
             torch.save(box["ema"], Path(path) / EMA_FILE)
 
     drive(state=state, total=i.steps, units=units, run_unit=run_unit, log=log, evaluate=None,
-          checkpoint=checkpoint, settings=loop_settings(cfg), stop=run.stop, world=world, desc="ppo")
+          checkpoint=checkpoint, settings=LoopSettings.from_train(cfg.train), stop=run.stop, world=world, desc="ppo")
     return box["ema"]
 
 
-def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
-    """Train the actor with PPO and export it; returns the exported model directory."""
-    with StageRun(cfg, parent_run_id=parent_run_id) as run:
-        inputs = prepare_inputs(cfg, run)
-        ds_configs = ppo_ds_configs(cfg, run.world)
-        run.begin(
-            fingerprint={"actor": inputs.actor_path, "reward": inputs.reward_path, "critic": inputs.critic_path,
-                         "data": list(cfg.data.sources), "split": cfg.data.split, "seed": cfg.train.seed,
-                         "generation_batch_size": inputs.generation_batch, "max_prompt_len": cfg.data.max_prompt_len},
-            ds_configs=ds_configs,
-        )
+def run_ppo(cfg: Config, parent_run_id: str | None = None) -> StageResult:
+    """Train the actor with PPO and export it."""
+    with StageContext(cfg, parent_run_id) as ctx:
+        inputs = prepare_inputs(cfg, ctx)
+        ds_configs = ppo_ds_configs(cfg, ctx.world)
+        run = ctx.begin(
+            models={"actor": inputs.actor_path, "reward": inputs.reward_path, "critic": inputs.critic_path},
+            ds_configs=ds_configs)
         # On a resumed run the tracker keeps the first values and tags changed ones (resumed.*).
         run.tracker.log_params({"data.train_prompts": len(inputs.prompts), "train.total_steps": inputs.steps,
                                 "train.optimizer_steps": inputs.optimizer_steps})
@@ -445,9 +444,8 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> str:
         # The export: the EMA copy when enabled.
         source = _StateDictSource(ema_state_dict(models.actor, ema)) if cfg.ppo.ema > 0 else models.actor
         model_dir = export_pretrained(
-            source, run.output_dir / MODEL_SUBDIR, lambda: models.build_actor(), inputs.tokenizer,
+            source, ctx.output_dir / MODEL_SUBDIR, lambda: models.build_actor(), inputs.tokenizer,
             metadata={"stage": "ppo", "base_model": inputs.actor_path, "reward_model": inputs.reward_path,
                       "ema": cfg.ppo.ema, "mlflow_run_id": run.state.run_id},
         )
-        run.finish(model_dir)
-        return str(model_dir)
+        return run.finish(model_dir)

@@ -1,0 +1,98 @@
+"""The command-line options: which option sets which dotted config key, in one table.
+
+The CLI builds its click options from these rows (types and defaults come from the config
+dataclasses), and every error about a config key names the option through `label()`. Plain data:
+importing it costs nothing, so config.py and the pre-launch checks use it too.
+"""
+
+from __future__ import annotations
+
+# (flags, dotted config key, help). Types and defaults come from the config dataclasses.
+COMMON_OPTIONS: list[tuple[str, str, str]] = [
+    ("--data", "data.sources", "Data source: JSONL/JSON/Parquet file, saved-dataset dir, or Hub name (repeatable)."),
+    ("--data-split", "data.split", "Shares of every source for stages sft,reward,ppo (DeepSpeed-Chat style)."),
+    ("--eval-fraction", "data.eval_fraction", "Share of the stage's data held out for evaluation."),
+    ("--max-seq-len", "data.max_seq_len", "Longest sequence in tokens (prompt + response)."),
+    ("--max-prompt-len", "data.max_prompt_len", "Prompt budget in tokens."),
+    ("--packing/--no-packing", "data.packing", "Pack several short SFT samples into one sequence."),
+    ("--max-dropped-fraction", "data.max_dropped_fraction",
+     "Largest share of a source's rows that may be dropped (no format fits) before it is an error."),
+    ("--eval-max-samples", "data.eval_max_samples", "Held-out rows evaluated at most (0: all)."),
+    ("--cache-dir", "data.cache_dir", "Tokenized-data cache (default: <output-dir>/.cache)."),
+    ("--tokenizer", "model.tokenizer", "Tokenizer path (default: the model's)."),
+    ("--catalog", "model.catalog", "Model catalog YAML (default: $FORGEPIPE_CATALOG, then the bundled one)."),
+    ("--lora-dim", "model.lora_dim", "LoRA rank; 0 trains all weights."),
+    ("--lora-alpha", "model.lora_alpha", "LoRA scaling alpha."),
+    ("--lora-target-modules", "model.lora_target_modules", "Comma-separated module names (default: per architecture)."),
+    ("--gradient-checkpointing/--no-gradient-checkpointing", "model.gradient_checkpointing", "Recompute activations."),
+    ("--zero-stage", "deepspeed.zero_stage", "DeepSpeed ZeRO stage (0-3)."),
+    ("--offload", "deepspeed.offload", "Offload optimizer (and ZeRO-3 params) to: none or cpu."),
+    ("--zeropp/--no-zeropp", "deepspeed.zeropp", "ZeRO++: quantized weights, hpZ, quantized gradients (stage 3)."),
+    ("--hpz-size", "deepspeed.hpz_size", "hpZ secondary partition size (default with --zeropp: ranks per node)."),
+    ("--quantized-weights/--no-quantized-weights", "deepspeed.quantized_weights", "ZeRO++ qwZ alone."),
+    ("--quantized-gradients/--no-quantized-gradients", "deepspeed.quantized_gradients", "ZeRO++ qgZ alone."),
+    ("--torch-adam/--no-torch-adam", "deepspeed.torch_adam", "Use torch's AdamW instead of DeepSpeed's op."),
+    ("--flops-profiler/--no-flops-profiler", "deepspeed.flops_profiler", "Run DeepSpeed's flops profiler."),
+    ("--dtype", "train.dtype", "Training precision."),
+    ("--per-device-batch-size", "train.per_device_batch_size", "Micro-batch per rank."),
+    ("--grad-accum", "train.grad_accum", "Gradient accumulation steps."),
+    ("--lr", "train.lr", "Peak learning rate."),
+    ("--weight-decay", "train.weight_decay", "AdamW weight decay."),
+    ("--warmup-ratio", "train.warmup_ratio", "Share of steps spent warming the LR up."),
+    ("--epochs", "train.epochs", "Passes over the training share."),
+    ("--max-steps", "train.max_steps", "Stop after this many optimizer steps (0: run the epochs)."),
+    ("--seed", "train.seed", "Seed of data order and initialisation."),
+    ("--eval-every", "train.eval_every", "Evaluate every N steps (0: at the end only)."),
+    ("--log-every", "train.log_every", "Log metrics every N steps."),
+    ("--save-every", "train.save_every", "Checkpoint every N steps (0: at the end only)."),
+    ("--save-every-minutes", "train.save_every_minutes", "Checkpoint every M minutes (0: off)."),
+    ("--keep-last", "train.keep_last", "Checkpoints kept on disk."),
+    ("--peak-tflops", "train.peak_tflops", "Per-device peak TFLOP/s for MFU (MI250X GCD bf16: 191.5)."),
+    ("--dist-timeout-minutes", "train.dist_timeout_minutes", "A collective stuck this long aborts the job."),
+    ("--resume", "train.resume", "auto (continue from the output dir's checkpoint), never, or a checkpoint dir."),
+    ("--overwrite/--no-overwrite", "overwrite",
+     "Replace the outputs of an earlier run in --output-dir (removed first); without it a finished run is kept."),
+    ("--tracking-uri", "tracking.uri", "MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)."),
+    ("--experiment", "tracking.experiment", "MLflow experiment name."),
+    ("--run-name", "tracking.run_name", "MLflow run name."),
+    ("--log-checkpoints/--no-log-checkpoints", "tracking.log_checkpoints", "Copy the exported model into MLflow."),
+]
+
+PPO_OPTIONS: list[tuple[str, str, str]] = [
+    ("--critic", "ppo.critic_model", "Critic start (default: the reward model)."),
+    ("--critic-lr", "ppo.critic_lr", "Critic learning rate."),
+    ("--critic-zero-stage", "ppo.critic_zero_stage", "Critic ZeRO stage (default: the actor's)."),
+    ("--critic-lora-dim", "ppo.critic_lora_dim", "Critic LoRA rank."),
+    ("--critic-gradient-checkpointing/--no-critic-gradient-checkpointing", "ppo.critic_gradient_checkpointing",
+     "Recompute the critic's activations."),
+    ("--ref-zero-stage", "ppo.ref_zero_stage", "ZeRO stage of the frozen reference and reward models."),
+    ("--allow-tokenizer-mismatch/--no-allow-tokenizer-mismatch", "ppo.allow_tokenizer_mismatch",
+     "Accept actor and reward tokenizers that differ (responses are re-tokenized)."),
+    ("--max-new-tokens", "ppo.max_new_tokens", "Longest generated response."),
+    ("--temperature", "ppo.temperature", "Sampling temperature."),
+    ("--top-p", "ppo.top_p", "Nucleus sampling."),
+    ("--generation-batch-size", "ppo.generation_batch_size", "Prompts per rank per experience batch."),
+    ("--ppo-epochs", "ppo.ppo_epochs", "PPO passes over each experience batch."),
+    ("--kl-coef", "ppo.kl_coef", "KL penalty coefficient."),
+    ("--reward-clip", "ppo.reward_clip", "Clip of the reward-model score."),
+    ("--policy-clip", "ppo.policy_clip", "PPO ratio clip."),
+    ("--value-clip", "ppo.value_clip", "Value clip."),
+    ("--gamma", "ppo.gamma", "Discount."),
+    ("--lam", "ppo.lam", "GAE lambda."),
+    ("--whiten-advantages/--no-whiten-advantages", "ppo.whiten_advantages", "Whiten advantages per batch."),
+    ("--unsupervised-data", "data.unsupervised_sources", "{text} documents for the unsupervised term (repeatable)."),
+    ("--ptx-coef", "ppo.ptx_coef", "Unsupervised loss coefficient (0: off)."),
+    ("--ema", "ppo.ema", "EMA decay of the actor for export (0: off)."),
+]
+
+REPEATABLE = {"data.sources", "data.unsupervised_sources"}
+# The option each key is set by, for messages: the stages' positional-like options too.
+LABELS = {key: flags.split("/")[0] for flags, key, _ in COMMON_OPTIONS + PPO_OPTIONS} | {
+    "model.name_or_path": "--model", "output_dir": "--output-dir", "ppo.reward_model": "--reward",
+    "reward.margin_field": "--margin-field"}
+
+
+def label(key: str) -> str:
+    """What an error says for a dotted config key: the option that sets it, else the key itself
+    (keys without an option are set in a YAML file or with `config show KEY=VALUE`)."""
+    return LABELS.get(key, key)

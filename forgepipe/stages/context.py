@@ -1,0 +1,116 @@
+"""Where a stage runs: the launched world, the stop signals, the process group, the output directory.
+
+A recipe reads:
+
+    with StageContext(cfg, parent_run_id) as ctx:      # launch checks, process group, seed
+        ... load the tokenizer and the data (ctx.world, ctx.cache_dir) ...
+        run = ctx.begin(models, ds_configs)            # resume checks, output dir, MLflow run
+        engine = run.build_engine(...); run.resume({"model": engine})
+        ... train (loop.drive) and export ...
+        return run.finish(model_dir)                   # -> StageResult
+
+Leaving the context closes the run record with the run's status; a stage that failed on bad input
+before training leaves nothing behind (no output directory, no MLflow run).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from forgepipe import distributed as dist
+from forgepipe.checkpoint import find_latest
+from forgepipe.config import Config
+from forgepipe.deepspeed_config import validate_launch
+from forgepipe.errors import ForgeError
+from forgepipe.layout import CHECKPOINT_DIR, CONFIG_FILE, MODEL_SUBDIR, PROFILE_FILE, RUN_FILE
+from forgepipe.preflight import check_output_dir, earlier_run
+from forgepipe.signals import STOP, Preempted, StartupStop, StopRequest
+from forgepipe.stages.record import RunRecord, check_resume
+
+log = logging.getLogger(__name__)
+
+
+class StageContext:
+    """One stage's launch: see the module docstring."""
+
+    def __init__(self, cfg: Config, parent_run_id: str | None = None, stop: StopRequest = STOP):
+        self.cfg, self.parent_run_id, self.stop = cfg, parent_run_id, stop
+        self.output_dir = Path(cfg.output_dir)
+        self.cache_dir = cfg.data.cache_dir or str(self.output_dir / ".cache")
+        self.world = dist.World()
+        self.record: RunRecord | None = None
+        self._created_output = self._created_cache = self._owns_process_group = False
+
+    def __enter__(self) -> StageContext:
+        # A signal from here until training starts stops the stage at once: tokenizing or loading
+        # models can take many minutes, and there is nothing to checkpoint yet.
+        self.stop.startup()
+        check_output_dir(self.cfg)
+        self.world = dist.detect_world()
+        validate_launch(self.cfg, self.world, has_gpu=torch.cuda.is_available())
+        self._created_output = not self.output_dir.exists()
+        self._created_cache = not Path(self.cache_dir).exists()
+        self._owns_process_group = not dist.is_initialized()  # a pipeline keeps one for all stages
+        dist.init_distributed(self.world, timeout_minutes=self.cfg.train.dist_timeout_minutes)
+        torch.manual_seed(self.cfg.train.seed)
+        return self
+
+    def find_resume(self) -> Path | None:
+        mode = self.cfg.train.resume
+        if self.cfg.overwrite or mode == "never":
+            return None
+        return find_latest(self.output_dir) if mode == "auto" else Path(mode)
+
+    def begin(self, models: dict[str, str], ds_configs: dict[str, dict]) -> RunRecord:
+        """The data and models are known: check the resume, prepare the output directory, and open
+        the run record (the MLflow run). `models` are the resolved paths the stage starts from."""
+        resumed = check_resume(self.cfg, self.world, models, self.find_resume())
+        if self.cfg.overwrite and self.world.is_main:
+            self._remove_earlier_outputs()
+        dist.barrier()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.record = RunRecord.open(self.cfg, self.world, models, resumed, self.parent_run_id, ds_configs)
+        if self.world.is_main:
+            (self.output_dir / CONFIG_FILE).write_text(self.cfg.to_yaml())
+        return self.record
+
+    def _remove_earlier_outputs(self) -> None:
+        """--overwrite: what an earlier run left goes first (its MLflow record stays as it was)."""
+        found = earlier_run(self.output_dir)
+        removed = []
+        for name in (MODEL_SUBDIR, CHECKPOINT_DIR, RUN_FILE, CONFIG_FILE, PROFILE_FILE, MODEL_SUBDIR + ".partial"):
+            path = self.output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            removed.append(name)
+        if removed:
+            log.warning("--overwrite: removed %s of %s from %s", ", ".join(removed), found or "an earlier run",
+                        self.output_dir)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop.remember()  # a second signal during the clean-up below must not interrupt it
+        failed = exc_type is not None
+        status = "FINISHED" if not failed else "KILLED" if issubclass(exc_type, Preempted) else "FAILED"
+        training = self.record is not None and self.record.training
+        bad_input = failed and not training and issubclass(exc_type, (ForgeError, StartupStop))
+        if self.record is not None:
+            if bad_input and self.record.tracker.reopened_status is None:
+                self.record.tracker.discard()  # a new run that never trained: no MLflow record of it
+            else:
+                self.record.tracker.finish(status)
+        if bad_input and self.world.is_main:
+            # Failed before training started (bad input): leave nothing behind.
+            if self._created_output:
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            elif self._created_cache:
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+        if self._owns_process_group:
+            dist.teardown()
