@@ -165,7 +165,7 @@ def resume_changes(before: dict[str, Any], flat: dict[str, Any], world_size: int
 
 
 def check_resume_config(cfg: Config) -> None:
-    """A changed option that cannot be honoured on resume is refused here already (StageRun.begin
+    """A changed option that cannot be honoured on resume is refused here already (StageContext.begin
     checks again, with the resolved model paths and the world size)."""
     if cfg.overwrite or cfg.train.resume == "never":
         return

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # imported where used, so that the pre-launch checks (preflig
 
 __all__ = ["load_stage_data", "load_text_data", "check_dropped", "DROP_REPORTS"]
 
-# Every source this process normalised, with its dropped rows; StageRun logs them to MLflow.
+# Every source this process normalised, with its dropped rows; RunRecord.open logs them to MLflow.
 DROP_REPORTS: dict[str, DropReport] = {}
 
 
