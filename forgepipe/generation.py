@@ -71,12 +71,21 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
                   greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
                   gather: bool = False, synced_gpus: bool = False) -> list[str]:
     """Responses to rendered `prompts` (see render_prompt), in batches of `batch_size`."""
+    return generate_for_ids(model, tokenizer, prompt_rows(tokenizer, prompts, max_prompt_len),
+                            max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
+                            batch_size=batch_size, gather=gather, synced_gpus=synced_gpus)
+
+
+def generate_for_ids(model, tokenizer, rows: list[dict[str, list[int]]], *, max_new_tokens: int, greedy: bool = True,
+                     temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, gather: bool = False,
+                     synced_gpus: bool = False) -> list[str]:
+    """Responses to {prompt_input_ids} rows, decoded. Under ZeRO-3 every rank calls it with the
+    same number of rows (each generate call is collective)."""
     from forgepipe.data.collate import PromptCollator
     from forgepipe.stages.ppo.experience import _device, generate  # experience imports this module
 
     device = _device(model)
     collate = PromptCollator(tokenizer.pad_token_id)
-    rows = prompt_rows(tokenizer, prompts, max_prompt_len)
     out: list[str] = []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start:start + batch_size])

@@ -10,16 +10,25 @@ is stages/supervised.py.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from forgepipe.config import Config
-from forgepipe.layout import StageResult
 from forgepipe.data.collate import PairCollator
 from forgepipe.data.tokenize import tokenize_pairs
+from forgepipe.generation import clip, log_table
+from forgepipe.layout import StageResult
 from forgepipe.models.load import LoraSettings
 from forgepipe.models.reward_model import last_token_scores, load_scalar_model
 from forgepipe.stages.supervised import Prepared, SupervisedStage, evaluation_sums, run_supervised
+
+log = logging.getLogger(__name__)
+
+TABLE_FILE = "reward_eval/pairs.json"
+CONSOLE_ROWS = 3
+DEFAULT_EVAL_PAIRS = 8  # until config.py has train.eval_generations
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,8 +92,44 @@ def build_model(cfg: Config, path: str, tokenizer, gradient_checkpointing: bool)
                              lora=LoraSettings.from_model_config(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
 
 
+def split_pair(chosen: list[int], rejected: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """(shared prefix, chosen rest, rejected rest) of a tokenized pair: the prompt as far as the
+    two sides agree (a response may begin with the same words), then what differs."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+@torch.no_grad()
+def show_scores(engine, data, cfg: Config, tokenizer, tracker, step: int) -> None:
+    """The first held-out pairs with both scores: an MLflow table (reward_eval/pairs.json) and a
+    few console lines. Every rank scores the same pairs (a forward is collective under ZeRO-3)."""
+    limit = getattr(cfg.train, "eval_generations", DEFAULT_EVAL_PAIRS)
+    examples = [data[i] for i in range(min(len(data), limit))]
+    if not examples:
+        return
+    engine.eval()
+    batch = PairCollator(tokenizer.pad_token_id)(examples)
+    chosen, rejected = pair_scores(engine, {k: v.to(engine.device) for k, v in batch.items()})
+    if not tracker.enabled:
+        return
+    scores = torch.stack([chosen.float(), rejected.float()]).tolist()  # the one transfer
+    parts = [split_pair(e["chosen_input_ids"], e["rejected_input_ids"]) for e in examples]
+    table = {name: [tokenizer.decode(p[k], skip_special_tokens=True) for p in parts]
+             for k, name in enumerate(("prompt", "chosen", "rejected"))}
+    table |= {"chosen_score": [round(v, 4) for v in scores[0]], "rejected_score": [round(v, 4) for v in scores[1]],
+              "correct": [c > r for c, r in zip(*scores, strict=True)]}
+    log_table(tracker, table, TABLE_FILE, step)
+    for i in range(min(CONSOLE_ROWS, len(examples))):
+        log.info("eval step %d, prompt %s\n  chosen   (%+.3f): %s\n  rejected (%+.3f): %s", step,
+                 clip(table["prompt"][i]), scores[0][i], clip(table["chosen"][i]), scores[1][i],
+                 clip(table["rejected"][i]))
+
+
 REWARD = SupervisedStage("reward", prepare=prepare, build_model=build_model, loss=reward_loss, evaluate=evaluate_reward,
-                         keep_fields=lambda cfg: [cfg.reward.margin_field] if cfg.reward.margin_field else [])
+                         keep_fields=lambda cfg: [cfg.reward.margin_field] if cfg.reward.margin_field else [],
+                         show=show_scores)
 
 
 def run_reward(cfg: Config, parent_run_id: str | None = None) -> StageResult:

@@ -7,14 +7,23 @@ the recipe around them is stages/supervised.py.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from forgepipe.config import Config
-from forgepipe.layout import StageResult
 from forgepipe.data.collate import SFTCollator, pack_sequences
-from forgepipe.data.tokenize import tokenize_sft
+from forgepipe.data.tokenize import IGNORE_INDEX, tokenize_sft
+from forgepipe.generation import clip, generate_for_ids, log_table
+from forgepipe.layout import StageResult
 from forgepipe.models.load import LoraSettings, load_causal_lm
 from forgepipe.stages.supervised import Prepared, SupervisedStage, evaluation_sums, run_supervised
+
+log = logging.getLogger(__name__)
+
+TABLE_FILE = "sft_eval/generations.json"
+CONSOLE_ROWS = 3
+DEFAULT_EVAL_GENERATIONS = 8  # until config.py has train.eval_generations
+DEFAULT_EVAL_NEW_TOKENS = 64  # until config.py has train.eval_max_new_tokens
 
 
 def lm_loss(engine, batch):
@@ -52,7 +61,37 @@ def build_model(cfg: Config, path: str, tokenizer, gradient_checkpointing: bool)
                           lora=LoraSettings.from_model_config(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
 
 
-SFT = SupervisedStage("sft", prepare=prepare, build_model=build_model, loss=lm_loss, evaluate=evaluate_lm)
+def prompt_and_answer(example: dict) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, held-out answer ids with EOS) of a tokenized SFT example; None for a document
+    (loss on every token: no prompt to answer)."""
+    labels = example["labels"]
+    cut = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return (example["input_ids"][:cut], example["input_ids"][cut:]) if cut else None
+
+
+def show_generations(engine, data, cfg: Config, tokenizer, tracker, step: int) -> None:
+    """The model's greedy answers to the first held-out prompts beside the data's own answers:
+    an MLflow table (sft_eval/generations.json) and a few console lines. Every rank generates for
+    the same prompts (each generate call is collective under ZeRO-3); rank 0's tracker records."""
+    limit = getattr(cfg.train, "eval_generations", DEFAULT_EVAL_GENERATIONS)
+    pairs = [pa for pa in (prompt_and_answer(data[i]) for i in range(min(len(data), 4 * limit))) if pa][:limit]
+    if not pairs:
+        return
+    answers = generate_for_ids(engine, tokenizer, [{"prompt_input_ids": p} for p, _ in pairs],
+                               max_new_tokens=getattr(cfg.train, "eval_max_new_tokens", DEFAULT_EVAL_NEW_TOKENS),
+                               batch_size=cfg.train.per_device_batch_size,
+                               gather=engine.zero_optimization_partition_weights())
+    if not tracker.enabled:
+        return
+    table = {"prompt": [tokenizer.decode(p, skip_special_tokens=True) for p, _ in pairs],
+             "reference": [tokenizer.decode(a, skip_special_tokens=True) for _, a in pairs], "response": answers}
+    log_table(tracker, table, TABLE_FILE, step)
+    for prompt, answer in list(zip(table["prompt"], answers, strict=True))[:CONSOLE_ROWS]:
+        log.info("eval step %d, prompt %s\n  model: %s", step, clip(prompt), clip(answer))
+
+
+SFT = SupervisedStage("sft", prepare=prepare, build_model=build_model, loss=lm_loss, evaluate=evaluate_lm,
+                      show=show_generations)
 
 
 def run_sft(cfg: Config, parent_run_id: str | None = None) -> StageResult:

@@ -31,6 +31,7 @@ from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import LoraSettings, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
 from forgepipe.stages.context import StageContext
+from forgepipe.stages.ppo.evaluation import EvalSettings, PolicyEvaluation
 from forgepipe.stages.ppo.experience import (
     Experience,
     actor_logprobs,
@@ -44,6 +45,8 @@ from forgepipe.stages.record import RunRecord
 log = logging.getLogger(__name__)
 
 EMA_FILE = "ema_actor.pt"
+DEFAULT_EVAL_PROMPTS = 64  # until config.py has ppo.eval_prompts
+DEFAULT_EVAL_GENERATIONS = 8  # until config.py has train.eval_generations
 
 
 # ---------------------------------------------------------------------------
@@ -273,6 +276,7 @@ class PPOInputs:
     micro_batches: int  # micro-batches per experience batch
     steps: int  # PPO steps (experience batches per rank)
     optimizer_steps: int
+    eval_prompts: Any = None  # held-out prompts for PolicyEvaluation (None: no evaluation)
 
 
 def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
@@ -295,8 +299,9 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
         log.warning("actor and reward tokenizers differ (%s): the reward model reads re-tokenized text, "
                     "the critic reads the actor's ids", mismatch)
     gen_batch, micro_batches = ppo_batch_sizes(cfg)
-    train_raw, _ = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
-                                   max_dropped_fraction=cfg.data.max_dropped_fraction)
+    train_raw, eval_raw = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed,
+                                          cfg.data.eval_fraction, max_dropped_fraction=cfg.data.max_dropped_fraction,
+                                          eval_max_samples=cfg.data.eval_max_samples)
     prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, ctx.cache_dir)
     per_epoch = len(prompts) // (world.world_size * gen_batch)
     if per_epoch == 0:
@@ -309,7 +314,21 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
         ptx_data = tokenize_text(load_text_data(cfg.data.unsupervised_sources, cfg.train.seed), tokenizer,
                                  cfg.data.max_seq_len, ctx.cache_dir)
     return PPOInputs(actor_path, reward_path, critic_path, tokenizer, reward_tokenizer, mismatch, prompts, ptx_data,
-                     gen_batch, micro_batches, steps, steps * p.ppo_epochs * micro_batches // cfg.train.grad_accum)
+                     gen_batch, micro_batches, steps, steps * p.ppo_epochs * micro_batches // cfg.train.grad_accum,
+                     held_out_prompts(cfg, eval_raw, tokenizer, ctx.cache_dir))
+
+
+def held_out_prompts(cfg: Config, eval_raw, tokenizer, cache_dir: str):
+    """The first `ppo.eval_prompts` held-out prompts that fit --max-prompt-len, or None (no evaluation)."""
+    limit = getattr(cfg.ppo, "eval_prompts", DEFAULT_EVAL_PROMPTS)
+    if limit <= 0 or not len(eval_raw):
+        return None
+    try:
+        prompts = tokenize_prompts(eval_raw, tokenizer, cfg.data.max_prompt_len, cache_dir, source="held-out prompts")
+    except ForgeError as exc:  # every held-out prompt too long: train, but say why nothing is evaluated
+        log.warning("PPO evaluation off: %s", exc)
+        return None
+    return prompts.select(range(min(limit, len(prompts))))
 
 
 def ppo_ds_configs(cfg: Config, world: dist.World) -> dict[str, dict]:
@@ -422,9 +441,28 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
         if box["ema"] is not None and world.is_main:
             torch.save(box["ema"], Path(path) / EMA_FILE)
 
-    drive(state=state, total=i.steps, units=units, run_unit=run_unit, log=log, evaluate=None,
+    drive(state=state, total=i.steps, units=units, run_unit=run_unit, log=log,
+          evaluate=policy_evaluation(cfg, run, inputs, models),
           checkpoint=checkpoint, settings=LoopSettings.from_train(cfg.train), stop=run.stop, world=world, desc="ppo")
     return box["ema"]
+
+
+def policy_evaluation(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels) -> PolicyEvaluation | None:
+    """The held-out evaluation the driver runs every --eval-every steps and at the end (None
+    without held-out prompts)."""
+    if inputs.eval_prompts is None:
+        return None
+    p, tok = cfg.ppo, inputs.tokenizer
+    settings = EvalSettings(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature, top_p=p.top_p, batch_size=inputs.generation_batch,
+        forward_batch_size=cfg.train.per_device_batch_size,
+        table_rows=getattr(cfg.train, "eval_generations", DEFAULT_EVAL_GENERATIONS),
+        gather=p.gather_for_generation, synced_gpus=run.world.world_size > 1 and not p.gather_for_generation,
+        reward_kwargs={"actor_tokenizer": tok, "reward_tokenizer": inputs.reward_tokenizer} if inputs.mismatch else {},
+    )
+    return PolicyEvaluation(inputs.eval_prompts, models.actor, models.ref, models.reward, tok, settings, run.world,
+                            run.tracker)
 
 
 def run_ppo(cfg: Config, parent_run_id: str | None = None) -> StageResult:
@@ -437,6 +475,7 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> StageResult:
             ds_configs=ds_configs)
         # On a resumed run the tracker keeps the first values and tags changed ones (resumed.*).
         run.tracker.log_params({"data.train_prompts": len(inputs.prompts), "train.total_steps": inputs.steps,
+                                "data.eval_prompts": len(inputs.eval_prompts) if inputs.eval_prompts else 0,
                                 "train.optimizer_steps": inputs.optimizer_steps})
         models = build_models(cfg, run, inputs, ds_configs)
         run.resume({"actor": models.actor, "critic": models.critic})
