@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -56,3 +57,77 @@ def test_a_failed_attempt_to_extend_a_finished_run_leaves_it_finished(tmp_path):
     run = again.client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["forgepipe.last_resume"] == "FAILED"
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    """One SQLite store for the record tests below (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+def stage_config(stage: str, out, model: str = "forge-s"):
+    from forgepipe.config import Config
+
+    cfg = Config(stage=stage, output_dir=str(out))
+    cfg.model.name_or_path = model
+    cfg.deepspeed.zero_stage = 2
+    cfg.tracking.experiment = "records"
+    return cfg
+
+
+def test_a_stage_run_is_named_tagged_and_its_metrics_carry_the_stage(store_uri, tmp_path):
+    cfg = stage_config("reward", tmp_path / "rm")
+    cfg.tracking.uri = store_uri
+    tracker = Tracker.for_stage(cfg, World(world_size=1))
+    tracker.log_metrics({"train/loss": 0.69, "eval/accuracy": 0.75, "perf/tokens_per_s": 900.0}, step=3)
+    tracker.finish()
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.run_name == "reward forge-s z2 1r"
+    assert run.data.metrics == {"reward/loss": 0.69, "reward/eval_accuracy": 0.75, "perf/tokens_per_s": 900.0}
+    tags = run.data.tags
+    assert (tags["stage"], tags["model"], tags["zero"], tags["world_size"]) == ("reward", "forge-s", "z2", "1")
+    assert tags["checkpoint_dir"] == str((tmp_path / "rm" / "checkpoints").resolve())
+    assert tags["tracking_uri"] == store_uri
+
+
+def test_training_data_is_an_mlflow_dataset_per_split(store_uri, tmp_path):
+    import datasets
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n")
+    train = datasets.Dataset.from_dict({"prompt": ["a", "b", "c"]})
+    held_out = datasets.Dataset.from_dict({"prompt": ["d"]})
+    tracker = Tracker.start(world=World(), uri=store_uri, experiment="records", run_name="d", tags={"stage": "sft"})
+    tracker.log_datasets([str(data)], {"train": train, "eval": held_out})
+    run = tracker.client.get_run(tracker.run_id)
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+              for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["evaluation", "training"]
+    assert inputs["training"].name == "pairs.jsonl"
+    assert json.loads(inputs["training"].source) == {"uri": str(data.resolve())}
+    assert json.loads(inputs["training"].profile)["rows"] == {"train": 3, "eval": 1}
+    assert inputs["training"].digest != inputs["evaluation"].digest
+    assert (run.data.params["data.rows.train"], run.data.params["data.rows.eval"]) == ("3", "1")
+
+
+def test_a_pipeline_parent_carries_the_config_and_each_childs_results(store_uri, tmp_path):
+    from forgepipe.tracking import pipeline_params
+
+    configs = {stage: stage_config(stage, tmp_path / stage) for stage in ("sft", "reward", "ppo")}
+    params = pipeline_params(configs)
+    assert params["deepspeed.zero_stage"] == 2 and "stage" not in params
+    assert (params["sft.stage"], params["ppo.output_dir"]) == ("sft", str(tmp_path / "ppo"))
+
+    parent = Tracker.start(world=World(), uri=store_uri, experiment="records", run_name="p", tags={"stage": "pipeline"})
+    parent.log_params(params)
+    child = Tracker.start(world=World(), uri=store_uri, experiment="records", run_name="c",
+                          parent_run_id=parent.run_id, tags={"stage": "sft"})
+    child.log_metrics({"train/loss": 3.0, "eval/loss": 3.5}, step=1)
+    child.log_metrics({"train/loss": 2.0, "eval/loss": 2.5}, step=2)
+    child.finish()
+    parent.record_child("sft", child.run_id)
+    run = parent.client.get_run(parent.run_id)
+    assert run.data.metrics == {"sft/final_eval_loss": 2.5, "sft/final_loss": 2.0}
+    assert run.data.tags["child.sft"] == child.run_id
+    assert run.data.tags["child.sft.url"] == f"#/experiments/{run.info.experiment_id}/runs/{child.run_id}"
+    assert run.data.params["deepspeed.zero_stage"] == "2"
