@@ -569,3 +569,36 @@ def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
         elif value is not None:
             words += [flag, json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
     return " ".join(shlex.quote(w) for w in words), left
+
+
+# ---------------------------------------------------------------------------
+# The summary a finished stage (or pipeline) prints
+
+
+def run_summary(uri: str | None, run_id: str) -> str:
+    """What a finished stage prints last: steps, wall time, the final and best of its figures,
+    tokens/s, where its model is and how to look at its run again. Read back from the store, so
+    the console says exactly what MLflow recorded."""
+    store = Store(uri)
+    run = store.client.get_run(run_id)
+    keys = figure_keys(run)
+    steps = max((s for k in keys for s, _ in store.history(run, k)), default=0)
+    parts = []
+    for key in keys:
+        s = stats(store.history(run, key), key, 1)
+        best = f" (best {fmt(s.best)})" if s.best is not None and s.best != s.final else ""
+        parts.append(f"{key} {fmt(s.final)}{best}")
+    model = run.data.tags.get("model_dir")
+    lines = [f"{run.info.run_name} ({short_id(run)}) {run.info.status}: {steps} steps in {duration(run)}",
+             "  " + "   ".join(parts) if parts else "  (no metrics logged)"]
+    if model:
+        lines.append(f"  model: {model}")
+    lines.append(f"  run:   forgepipe runs show {short_id(run)} --tracking-uri {store.uri}")
+    return "\n".join(lines)
+
+
+def pipeline_summary(uri: str | None, parent_run_id: str) -> str:
+    """What a finished pipeline prints last: its parent run and the table of its stages."""
+    store = Store(uri)
+    return (f"pipeline run {parent_run_id} (its stages: forgepipe runs list --parent {parent_run_id[:8]} "
+            f"--tracking-uri {store.uri})\n" + list_runs(store, parent=parent_run_id))

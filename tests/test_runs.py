@@ -274,3 +274,15 @@ def test_runs_commands_on_a_store_of_real_runs(real_store):
     missing = run_forgepipe(["runs", "show", "no-such-run", "--tracking-uri", uri])
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"forgepipe: error: run 'no-such-run': no run has this name or id in {uri}"
+
+
+def test_the_summary_a_stage_prints_at_its_end(store):
+    from forgepipe.runs import pipeline_summary, run_summary
+
+    st, ids = store
+    lines = run_summary(st.uri, ids[2]).splitlines()
+    assert re.fullmatch(rf"sft forge-s z2 4r \({ids[2][:8]}\) FINISHED: 4 steps in \d+s", lines[0])
+    assert lines[1].split("   ") == ["  sft/loss 3", "sft/eval_loss 3.5", "perf/tokens_per_s 100"]
+    assert lines[-1] == f"  run:   forgepipe runs show {ids[2][:8]} --tracking-uri {st.uri}"
+    text = pipeline_summary(st.uri, ids["parent"])
+    assert text.startswith(f"pipeline run {ids['parent']} ") and ids["reward"][:8] in text
