@@ -163,10 +163,12 @@ def _sft_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len):
     return out
 
 
-def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_field):
+def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_field, with_prompt_len=False):
     out = {"chosen_input_ids": [], "rejected_input_ids": []}
     if margin_field:
         out["margin"] = []
+    if with_prompt_len:
+        out["prompt_len"] = []
     prompts = _ids(tokenizer, batch["prompt"])
     chosen = _ids(tokenizer, batch["chosen"])
     rejected = _ids(tokenizer, batch["rejected"])
@@ -179,6 +181,8 @@ def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_f
         out["rejected_input_ids"].append(r_ids)
         if margin_field:
             out["margin"].append(float(batch[margin_field][i]))
+        if with_prompt_len:  # both sides share the prompt; a kept pair has a response token on each side
+            out["prompt_len"].append(len(left_truncate(p, max_prompt_len)))
     return out
 
 
@@ -229,8 +233,10 @@ def tokenize_pairs(
     cache_dir: str | Path | None,
     margin_field: str | None = None,
     source: str = "the data",
+    with_prompt_len: bool = False,
 ) -> tuple[datasets.Dataset, int]:
-    """Pair rows -> ({chosen_input_ids, rejected_input_ids[, margin]}, pairs dropped as identical).
+    """Pair rows -> ({chosen_input_ids, rejected_input_ids[, margin][, prompt_len]}, pairs dropped as
+    identical). `prompt_len` (DPO) counts the ids before the response, the same on both sides.
 
     Pairs whose chosen and rejected text are the same teach nothing and are dropped before
     tokenization; pairs that truncation makes identical are dropped too (logged, not counted).
@@ -244,9 +250,9 @@ def tokenize_pairs(
         log.info("%s: dropped %d pairs whose chosen and rejected text are identical", source, n_identical)
         ds = ds.select(keep)
     key = cache_key(ds, tokenizer, fn="pairs", max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
-                    margin_field=margin_field)
+                    margin_field=margin_field, **({"prompt_len": True} if with_prompt_len else {}))
     fn_kwargs = dict(tokenizer=tokenizer, eos_id=_eos(tokenizer), max_seq_len=max_seq_len,
-                     max_prompt_len=max_prompt_len, margin_field=margin_field)
+                     max_prompt_len=max_prompt_len, margin_field=margin_field, with_prompt_len=with_prompt_len)
     out = _cached_map(ds, _pairs_batch, key, cache_dir, "tokenizing pairs", fn_kwargs)
     if len(ds) and not len(out):
         raise ForgeError(f"--max-seq-len {max_seq_len} is shorter than every prompt in {source}")
