@@ -27,13 +27,14 @@ from forgepipe.errors import ForgeError
 from forgepipe.tracking import resolve_tracking_uri, short_model_name
 
 SEARCH_MAX = 50000  # MLflow's largest page of runs
-STAGE_ORDER = {"sft": 0, "reward": 1, "ppo": 2}
+STAGE_ORDER = {"sft": 0, "reward": 1, "ppo": 2, "dpo": 2}
 # Per stage: the (train, eval, throughput) figures, each a list of names, newest naming first, so
 # that stores written before metric names carried the stage read the same.
 FIGURES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "sft": (("sft/loss", "train/loss"), ("sft/eval_loss", "eval/loss"), ("perf/tokens_per_s",)),
     "reward": (("reward/loss", "train/loss"), ("reward/eval_accuracy", "eval/accuracy"), ("perf/tokens_per_s",)),
     "ppo": (("ppo/score_mean",), ("ppo/eval_score",), ("perf/gen_tokens_per_s",)),
+    "dpo": (("dpo/loss", "train/loss"), ("dpo/eval_accuracy", "eval/accuracy"), ("perf/tokens_per_s",)),
 }
 # Name fragments saying which way a metric is better (for "best"); neither: no best (lr, lengths).
 HIGHER_IS_BETTER = ("accuracy", "tokens_per_s", "samples_per_s", "tflops", "mfu", "score", "reward", "gap",
@@ -521,18 +522,19 @@ STAGE_FLAGS = {
     "sft": {"model.name_or_path": "--model", "output_dir": "--output-dir"},
     "reward": {"model.name_or_path": "--model", "output_dir": "--output-dir", "reward.margin_field": "--margin-field"},
     "ppo": {"model.name_or_path": "--actor", "ppo.reward_model": "--reward", "output_dir": "--output-dir"},
+    "dpo": {"model.name_or_path": "--model", "output_dir": "--output-dir"},
 }
 # Config sections a stage never reads (a pipeline sets every stage's config from one command line).
-UNUSED_SECTIONS = {"sft": ("ppo.", "reward."), "reward": ("ppo.",), "ppo": ("reward.",)}
+UNUSED_SECTIONS = {"sft": ("ppo.", "reward.", "dpo."), "reward": ("ppo.", "dpo."), "ppo": ("reward.", "dpo."),
+                   "dpo": ("ppo.", "reward.")}
 
 
 def option_table(stage: str) -> tuple[list[tuple[str, str, str]], set[str]]:
     """(flags, dotted key, help) rows of the stage's command and the repeatable keys."""
-    try:
-        from forgepipe.options import COMMON_OPTIONS, PPO_OPTIONS, REPEATABLE
-    except ImportError:  # before the table had a module of its own
-        from forgepipe.cli import COMMON_OPTIONS, PPO_OPTIONS, REPEATABLE
-    return COMMON_OPTIONS + (PPO_OPTIONS if stage == "ppo" else []), set(REPEATABLE)
+    from forgepipe import options
+
+    extra = {"ppo": "PPO_OPTIONS", "dpo": "DPO_OPTIONS"}.get(stage)
+    return options.COMMON_OPTIONS + (getattr(options, extra, []) if extra else []), set(options.REPEATABLE)
 
 
 def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
@@ -543,7 +545,7 @@ def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
     from forgepipe.config import Config, flatten
 
     if stage not in STAGE_FLAGS:
-        raise ForgeError(f"--as-command: the run's stage is {stage!r}; only sft, reward and ppo runs are commands")
+        raise ForgeError(f"--as-command: the run's stage is {stage!r}; only {', '.join(STAGE_FLAGS)} runs are commands")
     values = flatten(yaml.safe_load(config_yaml) or {})
     defaults = Config(stage=stage).flat()
     rows, repeatable = option_table(stage)

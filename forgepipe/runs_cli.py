@@ -42,15 +42,15 @@ def runs():
 @runs.command("list")
 @tracking_option
 @click.option("--experiment", default=None, help="Only this experiment's runs.")
-@click.option("--stage", type=click.Choice(["sft", "reward", "ppo", "pipeline"]), default=None,
+@click.option("--stage", type=click.Choice(["sft", "reward", "ppo", "dpo", "pipeline"]), default=None,
               help="Only this stage's runs.")
 @click.option("--parent", default=None, metavar="RUN", help="Only the stages of this pipeline run.")
 @click.option("--limit", default=50, show_default=True, help="Newest runs shown (0: all).")
 @one_line_errors
 def list_cmd(tracking_uri, experiment, stage, parent, limit):
     """A table of runs, newest first: id, name, stage, status, start, duration, model, ranks, ZeRO,
-    final train and eval figures (SFT: loss, eval loss; reward: loss, eval accuracy; PPO: reward-model
-    score, held-out score), tokens/s."""
+    final train and eval figures (SFT: loss, eval loss; reward and DPO: loss, eval accuracy;
+    PPO: reward-model score, held-out score), tokens/s."""
     from forgepipe.runs import Store, list_runs
 
     click.echo(list_runs(Store(tracking_uri), experiment=experiment, stage=stage, parent=parent, limit=limit))

@@ -177,13 +177,14 @@ def zero_label(cfg: Config) -> str:
     return label
 
 
-def run_name_for(cfg: Config, world: World) -> str:
+def run_name_for(cfg: Config, world: World, stage: str | None = None) -> str:
     """The run's name in the MLflow UI: the user's --run-name, else what the run is, e.g.
     `sft forge-s z3++ 16r` (stage, model, ZeRO, ranks), so that reruns are told apart by what
-    changed rather than all being `sft-sft`."""
+    changed rather than all being `sft-sft`. `stage` names a pipeline's parent by its SFT config."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    return f"{cfg.stage} {short_model_name(cfg.model.name_or_path)} {zero_label(cfg)} {world.world_size}r"
+    return (f"{stage or cfg.stage} {short_model_name(cfg.model.name_or_path)} {zero_label(cfg)} "
+            f"{world.world_size}r")
 
 
 def run_tags(cfg: Config) -> dict[str, str]:
@@ -198,6 +199,13 @@ def run_tags(cfg: Config) -> dict[str, str]:
         "output_dir": str(out),
         "checkpoint_dir": str(out / "checkpoints"),
     }
+
+
+def pipeline_tags(configs: dict[str, Config]) -> dict[str, str]:
+    """A pipeline parent's tags: what its first stage starts from, and the pipeline's directory."""
+    first = configs["sft"]
+    return {"stage": "pipeline", "model": short_model_name(first.model.name_or_path), "zero": zero_label(first),
+            "dtype": str(first.train.dtype), "output_dir": str(Path(first.output_dir).resolve().parent)}
 
 
 def pipeline_params(configs: dict[str, Config]) -> dict[str, Any]:
@@ -229,6 +237,8 @@ CHILD_RESULTS: list[tuple[str, tuple[str, ...], str]] = [
     ("ppo", ("ppo/eval_score",), "ppo/final_eval_score"),
     ("ppo", ("ppo/eval_win_rate",), "ppo/final_eval_win_rate"),
     ("ppo", ("ppo/eval_kl",), "ppo/final_eval_kl"),
+    ("dpo", ("dpo/eval_accuracy", "eval/accuracy"), "dpo/final_eval_accuracy"),
+    ("dpo", ("dpo/eval_loss", "eval/loss"), "dpo/final_eval_loss"),
 ]
 
 

@@ -44,6 +44,7 @@ def test_run_names_say_stage_model_zero_and_ranks():
     assert run_name_for(cfg_for(zeropp=True), sixteen) == "sft forge-s z3++ 16r"
     assert run_name_for(cfg_for("reward", "/scratch/out/sft/model", 2, offload="cpu"), World()) == "reward sft z2+off 1r"
     assert run_name_for(cfg_for("ppo", "out/sft", 3, quantized_weights=True), World()) == "ppo sft z3+qw 1r"
+    assert run_name_for(cfg_for(), sixteen, stage="pipeline") == "pipeline forge-s z3 16r"
     named = cfg_for()
     named.tracking.run_name = "baseline"
     assert run_name_for(named, sixteen) == "baseline"
