@@ -523,6 +523,22 @@ def group_readable(path: str | Path) -> None:
     os.chmod(path, (0o666 & ~current) | 0o040)
 
 
+def share_tree(root: str | Path) -> None:
+    """Add group read (and, for directories, enter) to everything under `root`: some writers create
+    their files 0600 whatever the umask (safetensors' model.safetensors in an export). Run on rank 0
+    over a finished export; group write is never added."""
+    import stat
+
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        wanted = mode | stat.S_IRGRP | (stat.S_IXGRP if path.is_dir() else 0)
+        if wanted != mode:
+            os.chmod(path, wanted)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON beside the target and rename it into place (readable by the group)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -104,3 +104,17 @@ def test_files_forgepipe_writes_are_readable_by_the_group(tmp_path):
     assert after == 0o027  # group may read and enter; write and others stay as the user had them
     assert stat.S_IMODE((tmp_path / "forgepipe-run.json").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "checkpoints").stat().st_mode) == 0o750
+
+
+def test_an_export_written_0600_becomes_readable_by_the_group(tmp_path):
+    import stat
+
+    from forgepipe.tracking import share_tree
+
+    export = tmp_path / "model"
+    export.mkdir(mode=0o700)
+    (export / "model.safetensors").write_bytes(b"x")
+    (export / "model.safetensors").chmod(0o600)
+    share_tree(export)
+    assert stat.S_IMODE(export.stat().st_mode) == 0o750
+    assert stat.S_IMODE((export / "model.safetensors").stat().st_mode) == 0o640
