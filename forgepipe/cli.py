@@ -25,7 +25,7 @@ from forgepipe import __version__
 from forgepipe.config import Config, build_config, set_dotted, validate
 from forgepipe.errors import ForgeError
 from forgepipe.layout import StageResult
-from forgepipe.options import COMMON_OPTIONS, PPO_OPTIONS, REPEATABLE
+from forgepipe.options import COMMON_OPTIONS, DPO_OPTIONS, PPO_OPTIONS, REPEATABLE
 from forgepipe.preflight import check_run, check_shown
 from forgepipe.signals import EXIT_PREEMPTED, STOP, Preempted, StartupStop
 
@@ -216,22 +216,40 @@ def ppo(actor, reward_model, output_dir, config_file, **kwargs):
 
 
 @main.command()
+@click.option("--model", "model", default=None, help="Policy start (and reference): SFT output or model.")
+@click.option("--output-dir", default=None, help="Where checkpoints and the exported policy go.")
+@click.option("--config", "config_file", type=click.Path(), default=None, help="YAML config file.")
+@with_options(COMMON_OPTIONS + DPO_OPTIONS)
+def dpo(model, output_dir, config_file, **kwargs):
+    """Direct preference optimisation (DPO, IPO, SimPO) on chosen/rejected pairs: no reward model."""
+    cfg = stage_config("dpo", config_file, {"model.name_or_path": model, "output_dir": output_dir,
+                                            **overrides_from(kwargs, COMMON_OPTIONS + DPO_OPTIONS)})
+    from forgepipe.stages.dpo.trainer import run_dpo
+
+    report("DPO policy", run_dpo(cfg), cfg)
+
+
+@main.command()
 @click.option("--model", "model", default=None, help="Actor base model (stage 1 input).")
 @click.option("--reward-model", default=None, help="Reward backbone (stage 2 input); may differ from --model.")
-@click.option("--output-dir", default=None, help="Parent directory: sft/, reward/, ppo/ go inside.")
+@click.option("--output-dir", default=None, help="Parent directory: sft/, reward/, ppo/ (or dpo/) go inside.")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="YAML: shared keys at the top, per-stage keys under stages: {sft: ..., reward: ..., ppo: ...}.")
-@with_options(COMMON_OPTIONS + PPO_OPTIONS)
-def pipeline(model, reward_model, output_dir, config_file, **kwargs):
-    """Stages 1, 2 and 3 in order, each on its share of the data, each export feeding the next."""
+@click.option("--method", type=click.Choice(["ppo", "dpo"]), default="ppo", show_default=True,
+              help="ppo: sft -> reward -> ppo. dpo: sft -> dpo (DPO on the reward share of --data-split).")
+@with_options(COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS)
+def pipeline(model, reward_model, output_dir, config_file, method, **kwargs):
+    """SFT, then reward model and PPO (--method ppo) or DPO (--method dpo), each on its share of the
+    data, each export feeding the next, under one MLflow parent run."""
     from forgepipe.preflight import check_pipeline
     from forgepipe.stages.pipeline import pipeline_configs, run_pipeline
 
     STOP.install()
-    overrides = overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS)
-    configs = pipeline_configs(model, reward_model, output_dir, config_file, overrides)
+    overrides = overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS)
+    configs = pipeline_configs(model, reward_model, output_dir, config_file, overrides, method=method)
     check_pipeline(configs)
-    report("PPO actor", run_pipeline(configs), configs["ppo"])
+    last = list(configs)[-1]
+    report("PPO actor" if last == "ppo" else "DPO policy", run_pipeline(configs), configs[last])
 
 
 @main.group()
@@ -240,13 +258,13 @@ def config():
 
 
 @config.command("show")
-@click.option("--stage", type=click.Choice(["sft", "reward", "ppo"]), default="sft", show_default=True)
+@click.option("--stage", type=click.Choice(["sft", "reward", "ppo", "dpo"]), default="sft", show_default=True)
 @click.option("--model", "model", default=None, help="Model (or PPO actor).")
 @click.option("--output-dir", default=None)
 @click.option("--config", "config_file", type=click.Path(), default=None, help="YAML config file.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 @click.option("--assume-gpu", is_flag=True, help="Check as for a GPU job (dry runs on a CPU login node).")
-@with_options(COMMON_OPTIONS + PPO_OPTIONS)
+@with_options(COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS)
 @click.argument("assignments", nargs=-1, metavar="[KEY=VALUE]...")
 def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, assignments, **kwargs):
     """Print the fully resolved config and its DeepSpeed JSON for this launch, and exit.
@@ -257,7 +275,7 @@ def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, assignme
     from forgepipe.distributed import detect_world
 
     overrides = {"model.name_or_path": model, "output_dir": output_dir,
-                 **overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS)}
+                 **overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS)}
     cfg = build_config(stage, config_file, overrides)
     for item in assignments:
         if "=" not in item:

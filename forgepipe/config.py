@@ -22,8 +22,17 @@ from forgepipe.deepspeed_config import validate_static
 from forgepipe.errors import ForgeError
 from forgepipe.options import label
 
-Stage = Literal["sft", "reward", "ppo"]
-STAGES: tuple[str, ...] = ("sft", "reward", "ppo")
+Stage = Literal["sft", "reward", "ppo", "dpo"]
+STAGES: tuple[str, ...] = ("sft", "reward", "ppo")  # the shares of data.split, in its order
+# Stages beyond the three of the split read another stage's share: DPO trains on the preference
+# pairs, the reward share (so `pipeline --method dpo` is SFT on the sft share, DPO on the reward one).
+SHARE_OF: dict[str, str] = {"dpo": "reward"}
+KNOWN_STAGES: tuple[str, ...] = STAGES + tuple(SHARE_OF)
+
+
+def data_share(stage: str) -> str:
+    """The stage of data.split whose share `stage` trains on (itself, for sft, reward and ppo)."""
+    return SHARE_OF.get(stage, stage)
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ class DataConfig:
     """Where the data comes from and how it becomes token batches."""
 
     sources: list[str] = field(default_factory=list)  # files, saved-dataset dirs, or Hub names
-    split: str = "2,4,4"  # shares of each source for stages sft,reward,ppo (DeepSpeed-Chat style)
+    split: str = "2,4,4"  # shares of each source for stages sft,reward,ppo (DeepSpeed-Chat style); dpo: reward's
     eval_fraction: float = bounded(0.1, ge=0, lt=1)  # held out of each stage's share for evaluation
     max_seq_len: int = bounded(512, ge=1)
     max_prompt_len: int = bounded(256, ge=1)  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
@@ -184,6 +193,18 @@ class PPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (`forgepipe dpo`): the loss and the frozen reference."""
+
+    ref_model: str | None = None  # None: the starting model (with LoRA: the policy with its adapters off)
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"  # sigmoid DPO, IPO, reference-free SimPO
+    beta: float = bounded(0.1, gt=0)  # DPO/IPO: 0.1 is usual; SimPO wants 2-10
+    label_smoothing: float = bounded(0.0, ge=0, lt=0.5)  # share of labels assumed flipped (cDPO); dpo, simpo
+    gamma_beta_ratio: float = bounded(0.25, ge=0)  # SimPO's target margin gamma / beta
+    precompute_ref: bool = False  # reference log-probs once before training (cached), then the reference is freed
+
+
+@dataclass
 class Config:
     """Everything a stage needs, in one validated tree."""
 
@@ -197,6 +218,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -387,9 +409,9 @@ def check_bounds(node: Any, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that need no model, data or launcher. Raises ForgeError with one line."""
-    if cfg.stage not in STAGES:
-        raise ForgeError(f"unknown stage {cfg.stage!r} (known: {', '.join(STAGES)})")
-    if parse_split(cfg.data.split)[STAGES.index(cfg.stage)] == 0:
+    if cfg.stage not in KNOWN_STAGES:
+        raise ForgeError(f"unknown stage {cfg.stage!r} (known: {', '.join(KNOWN_STAGES)})")
+    if parse_split(cfg.data.split)[STAGES.index(data_share(cfg.stage))] == 0:
         raise ForgeError(f"{cfg.data.split!r} leaves stage {cfg.stage} no data", key="data.split")
     check_bounds(cfg)
     if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
@@ -401,4 +423,16 @@ def validate(cfg: Config) -> None:
                              f"({p.max_new_tokens}) exceeds {label('data.max_seq_len')} ({d.max_seq_len})")
         if p.ptx_coef > 0 and not d.unsupervised_sources:
             raise ForgeError(f"needs {label('data.unsupervised_sources')}", key="ppo.ptx_coef")
-    validate_static(cfg)  # the DeepSpeed rules that depend on nothing but the config
+    if cfg.stage == "dpo":
+        validate_dpo(cfg.dpo)
+    validate_static(cfg)
+
+
+def validate_dpo(p: DPOConfig) -> None:
+    """Options that mean nothing for the chosen loss are refused rather than silently ignored."""
+    loss = label("dpo.loss")
+    if p.loss == "simpo" and (p.ref_model or p.precompute_ref):
+        key = "dpo.ref_model" if p.ref_model else "dpo.precompute_ref"
+        raise ForgeError(f"{loss} simpo is reference-free: it reads no reference model", key=key)
+    if p.loss == "ipo" and p.label_smoothing:
+        raise ForgeError(f"applies to {loss} dpo and simpo, not ipo", key="dpo.label_smoothing")  # the DeepSpeed rules that depend on nothing but the config

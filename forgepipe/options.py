@@ -85,9 +85,19 @@ PPO_OPTIONS: list[tuple[str, str, str]] = [
     ("--ema", "ppo.ema", "EMA decay of the actor for export (0: off)."),
 ]
 
+DPO_OPTIONS: list[tuple[str, str, str]] = [
+    ("--ref", "dpo.ref_model", "Frozen reference (default: the starting model; with LoRA the policy with adapters off)."),
+    ("--loss", "dpo.loss", "Preference loss: dpo (sigmoid), ipo, or simpo (reference-free, length-normalised)."),
+    ("--beta", "dpo.beta", "Inverse temperature of the implicit reward (DPO/IPO ~0.1, SimPO 2-10)."),
+    ("--label-smoothing", "dpo.label_smoothing", "Share of preference labels assumed flipped (conservative DPO)."),
+    ("--gamma-beta-ratio", "dpo.gamma_beta_ratio", "SimPO's target reward margin gamma, divided by beta."),
+    ("--precompute-ref/--no-precompute-ref", "dpo.precompute_ref",
+     "Reference log-probs computed once before training (cached by data), then the reference is freed."),
+]
+
 REPEATABLE = {"data.sources", "data.unsupervised_sources"}
 # The option each key is set by, for messages: the stages' positional-like options too.
-LABELS = {key: flags.split("/")[0] for flags, key, _ in COMMON_OPTIONS + PPO_OPTIONS} | {
+LABELS = {key: flags.split("/")[0] for flags, key, _ in COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS} | {
     "model.name_or_path": "--model", "output_dir": "--output-dir", "ppo.reward_model": "--reward",
     "reward.margin_field": "--margin-field"}
 

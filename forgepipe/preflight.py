@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from forgepipe.config import STAGES, Config, parse_split
+from forgepipe.config import STAGES, Config, data_share, parse_split
 from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
 from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, MODEL_SUBDIR, RUN_FILE, StageResult
@@ -101,12 +101,12 @@ HONOURED_ON_RESUME = {
     "ppo.critic_gradient_checkpointing", "tracking.log_checkpoints", "deepspeed.flops_profiler",
     "deepspeed.profile_step", "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters",
     "deepspeed.prefetch_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.reduce_bucket_size",
-    "deepspeed.overlap_comm", "deepspeed.contiguous_gradients",
+    "deepspeed.overlap_comm", "deepspeed.contiguous_gradients", "dpo.precompute_ref",
 }
 # Not part of what was trained: never compared.
 NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",
                 "tracking.uri", "tracking.experiment",  # a moved store is fine; the run must be in it (tracking.py)
-                "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources"}
+                "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources", "dpo.ref_model"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -285,22 +285,29 @@ def model_kind(path: Path, option: str) -> tuple[str, str]:
         if labels == 1:
             return "scalar", "a reward model export (sequence classifier with a scalar head, no LM head)"
         return "classifier", f"a sequence classifier with {labels} labels"
-    words = {"sft": "an SFT export", "ppo": "a PPO export"}.get(stage, "a base model")
+    words = {"sft": "an SFT export", "ppo": "a PPO export", "dpo": "a DPO export"}.get(stage, "a base model")
     return "causal_lm", f"{words} (causal LM)"
+
+
+def check_causal_lm(name: str, catalog: str | None, option: str, stage: str) -> None:
+    """A model that must be a causal LM (a reward export's LM head would start random)."""
+    path = _model_dir(name, catalog, option)
+    if path is not None:
+        kind, what = model_kind(path, option)
+        if kind != "causal_lm":
+            need = "a base model or an SFT export" if stage == "sft" else "an SFT export or a base model"
+            raise ForgeError(f"{option}: {path} is {what}; its language-model head would start random. "
+                             f"Stage {stage} needs {need}")
 
 
 def check_models(cfg: Config) -> None:
     """Every model option names a model of the kind its stage needs (before any is loaded)."""
     catalog = cfg.model.catalog
-    if cfg.stage in ("sft", "ppo"):
+    if cfg.stage in ("sft", "ppo", "dpo"):
         option = "--actor" if cfg.stage == "ppo" else "--model"
-        path = _model_dir(cfg.model.name_or_path, catalog, option)
-        if path is not None:
-            kind, what = model_kind(path, option)
-            if kind != "causal_lm":
-                need = "an SFT export or a base model" if cfg.stage == "ppo" else "a base model or an SFT export"
-                raise ForgeError(f"{option}: {path} is {what}; its language-model head would start random. "
-                                 f"Stage {cfg.stage} needs {need}")
+        check_causal_lm(cfg.model.name_or_path, catalog, option, cfg.stage)
+    if cfg.stage == "dpo" and cfg.dpo.ref_model:
+        check_causal_lm(cfg.dpo.ref_model, catalog, "--ref", cfg.stage)
     if cfg.stage == "reward":
         path = _model_dir(cfg.model.name_or_path, catalog, "--model")
         if path is not None:
@@ -414,7 +421,8 @@ def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = (
     if not records:
         raise ForgeError(f"{source}: no records")
     fmt = detect_format(columns, source)
-    if stage == "reward":
+    share = data_share(stage)  # dpo reads the reward share: preference pairs
+    if share == "reward":
         require_pairs_columns(columns, source)
     for k in keep:
         if k not in columns:
@@ -431,7 +439,7 @@ def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = (
     if not whole:
         return None
     shares = parse_split(cfg.data.split)
-    indices = stage_share(len(usable), shares, STAGES.index(stage), cfg.train.seed)
+    indices = stage_share(len(usable), shares, STAGES.index(share), cfg.train.seed)
     if not indices:
         raise ForgeError(f"{source}: --data-split {cfg.data.split} leaves stage {stage} no rows "
                          f"(the source has {len(usable)} usable rows)")
@@ -501,11 +509,15 @@ def finished_stage(cfg: Config) -> StageResult | None:
 
 
 def check_pipeline(configs: dict[str, Config]) -> None:
-    """The pipeline: sft and reward in full (unless finished); ppo's models are the exports of the
-    first two stages."""
-    for stage in ("sft", "reward"):
+    """The pipeline (configs in stage order): the stages that start from given models in full
+    (unless finished); the last stage (ppo, or dpo) starts from the exports of the ones before it,
+    so its output directory and data (and a DPO --ref given) are what can be checked now."""
+    *first, last = configs
+    for stage in first:
         if not finished_stage(configs[stage]):
             check_run(configs[stage])
-    ppo = configs["ppo"]
-    check_output_dir(ppo)
-    check_data(ppo)
+    cfg = configs[last]
+    check_output_dir(cfg)
+    check_data(cfg)
+    if cfg.stage == "dpo" and cfg.dpo.ref_model:
+        check_causal_lm(cfg.dpo.ref_model, cfg.model.catalog, "--ref", "dpo")

@@ -1,7 +1,10 @@
-"""sft -> reward -> ppo in one command, each stage's export feeding the next.
+"""sft -> reward -> ppo (--method ppo) or sft -> dpo (--method dpo) in one command, each stage's
+export feeding the next.
 
-SFT's export becomes the PPO actor and reference; the reward export becomes the reward model
-and the critic's start. In MLflow the three stages are child runs of one parent run. A rerun
+PPO: SFT's export becomes the PPO actor and reference; the reward export becomes the reward model
+and the critic's start. DPO: SFT's export becomes the policy and the reference, and DPO trains on
+the reward share of --data-split (the preference pairs; config.data_share), so `--data-split 2,8,0`
+gives it the PPO share as well. In MLflow the stages are child runs of one parent run. A rerun
 (`--resume auto`, the default) skips the stages that finished and resumes the one it was in.
 """
 
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from forgepipe import distributed as dist
-from forgepipe.config import STAGES, Config, build_config, load_yaml
+from forgepipe.config import Config, build_config, data_share, load_yaml
 from forgepipe.errors import ForgeError
 from forgepipe.layout import StageResult
 from forgepipe.preflight import finished_stage
@@ -23,17 +26,30 @@ from forgepipe.tracking import Tracker, write_json_atomic
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "forgepipe-pipeline.json"
+METHODS: dict[str, tuple[str, ...]] = {"ppo": ("sft", "reward", "ppo"), "dpo": ("sft", "dpo")}  # stages, in order
+
+
+def stage_models(method: str, model: str, reward_model: str | None, out: Path) -> dict[str, dict[str, str]]:
+    """Each stage's model options: the given models for the first stages, the exports after."""
+    if method == "dpo":
+        if reward_model:
+            raise ForgeError("not used by --method dpo (DPO needs no reward model)", key="ppo.reward_model")
+        return {"sft": {"model.name_or_path": model}, "dpo": {"model.name_or_path": str(out / "sft")}}
+    return {"sft": {"model.name_or_path": model}, "reward": {"model.name_or_path": reward_model or model},
+            "ppo": {"model.name_or_path": str(out / "sft"), "ppo.reward_model": str(out / "reward")}}
 
 
 def pipeline_configs(model: str | None, reward_model: str | None, output_dir: str | None,
-                     config_file: str | None, overrides: dict[str, Any]) -> dict[str, Config]:
-    """One validated config per stage: shared YAML keys, then the stage's `stages.<name>` section,
-    then the command line (which applies to every stage)."""
+                     config_file: str | None, overrides: dict[str, Any], method: str = "ppo") -> dict[str, Config]:
+    """One validated config per stage of `method`, in order: shared YAML keys, then the stage's
+    `stages.<name>` section, then the command line (which applies to every stage)."""
+    stages = METHODS[method]
     tree = load_yaml(config_file) if config_file else {}
     sections = tree.pop("stages", {}) or {}
-    unknown = set(sections) - set(STAGES)
+    unknown = set(sections) - set(stages)
     if unknown:
-        raise ForgeError(f"{config_file}: stages: unknown stage {sorted(unknown)[0]!r} (known: {', '.join(STAGES)})")
+        raise ForgeError(f"{config_file}: stages: unknown stage {sorted(unknown)[0]!r} "
+                         f"(known for --method {method}: {', '.join(stages)})")
     model = model or tree.get("model", {}).get("name_or_path")
     output_dir = output_dir or tree.get("output_dir")
     if not model:
@@ -41,17 +57,13 @@ def pipeline_configs(model: str | None, reward_model: str | None, output_dir: st
     if not output_dir:
         raise ForgeError("required", key="output_dir")
     out = Path(output_dir)
-    stage_models = {
-        "sft": {"model.name_or_path": model},
-        "reward": {"model.name_or_path": reward_model or model},
-        "ppo": {"model.name_or_path": str(out / "sft"), "ppo.reward_model": str(out / "reward")},
-    }
+    models = stage_models(method, model, reward_model, out)
     configs = {}
-    for stage in STAGES:
+    for stage in stages:
         layers = [(tree, f"{config_file}: ")] if tree else []
         if sections.get(stage):
             layers.append((sections[stage], f"{config_file}: stages.{stage}."))
-        stage_overrides = {**overrides, **stage_models[stage], "output_dir": str(out / stage)}
+        stage_overrides = {**overrides, **models[stage], "output_dir": str(out / stage)}
         configs[stage] = build_config(stage, None, stage_overrides, layers=layers)
     return configs
 
@@ -62,20 +74,25 @@ def preflight(configs: dict[str, Config]) -> None:
     from forgepipe.models.catalog import resolve_model
 
     resolve_model(configs["sft"].model.name_or_path, configs["sft"].model.catalog)
-    resolve_model(configs["reward"].model.name_or_path, configs["reward"].model.catalog)
+    if "reward" in configs:
+        resolve_model(configs["reward"].model.name_or_path, configs["reward"].model.catalog)
+    if "dpo" in configs and configs["dpo"].dpo.ref_model:
+        resolve_model(configs["dpo"].dpo.ref_model, configs["dpo"].model.catalog)
     for stage, cfg in configs.items():
         if not cfg.data.sources:
             raise ForgeError("at least one data source is required", key="data.sources")
-        load_stage_data(cfg.data.sources, stage, cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
+        load_stage_data(cfg.data.sources, data_share(stage), cfg.data.split, cfg.train.seed, cfg.data.eval_fraction,
                         max_dropped_fraction=cfg.data.max_dropped_fraction)
 
 
 def run_pipeline(configs: dict[str, Config]) -> StageResult:
+    """The stages of `configs` in order (pipeline_configs), under one MLflow parent run."""
+    from forgepipe.stages.dpo.trainer import run_dpo
     from forgepipe.stages.ppo.trainer import run_ppo
     from forgepipe.stages.reward import run_reward
     from forgepipe.stages.sft import run_sft
 
-    runners = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}
+    runners = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo, "dpo": run_dpo}
     root = Path(configs["sft"].output_dir).parent
     world = dist.init_distributed(dist.detect_world(),
                                   timeout_minutes=configs["sft"].train.dist_timeout_minutes)
@@ -90,14 +107,14 @@ def run_pipeline(configs: dict[str, Config]) -> StageResult:
         tracker = Tracker.start(world=world, uri=first.tracking.uri, experiment=first.tracking.experiment,
                                 run_name=first.tracking.run_name or f"pipeline-{root.name}",
                                 run_id=previous.get("parent_run_id") if resume else None,
-                                tags={"stage": "pipeline"})
+                                tags={"stage": "pipeline", "method": "dpo" if "dpo" in configs else "ppo"})
         if world.is_main:
             root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(state_file, {"parent_run_id": tracker.run_id})
             for stage, cfg in configs.items():
                 tracker.log_text(cfg.to_yaml(), f"config-{stage}.yaml")
         parent_id = dist.broadcast_object(tracker.run_id)
-        for stage in STAGES:
+        for stage in configs:
             result = finished_stage(configs[stage])
             if result:
                 log.info("stage %s already finished: %s", stage, result.model_dir)
