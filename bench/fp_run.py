@@ -1,0 +1,106 @@
+"""forgepipe's CLI with the benchmark's step clock and the levers not yet wired to config/CLI.
+
+    python bench/fp_run.py [--order grouped] [--pad-to 256] sft --model ... (the usual CLI arguments)
+
+The step clock prints one `BENCH_STEP <seconds> <real tokens> <computed tokens>` line per
+optimizer step (grad accumulation 1), measured as bench/contenders.py measures TRL and the patched
+DeepSpeed-Chat measures itself: from the collation of the batch to the end of `engine.step()`.
+
+Levers, until `data.group_by_length` / `data.pad_to_max_length` exist in forgepipe/config.py:
+  --order grouped   the loop's epoch order comes from `length_grouped_order` (forgepipe/data/collate.py)
+  --pad-to N        every batch padded to N tokens (DeepSpeed-Chat's padding="max_length"), for reference
+Both are applied by wrapping `train_loop` where the supervised recipe imported it; nothing else
+of forgepipe changes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _clocked(engine, collate, pad_to: int | None):
+    """Wrap collate (start of a step) and engine.step (its end) to print one line per step."""
+    from forgepipe.data.collate import pad
+
+    started: dict[str, float | int] = {}
+
+    def timed_collate(features):
+        batch = collate(features)
+        if pad_to:
+            batch = _pad_batch(batch, pad_to, pad)
+        started.update(t=time.perf_counter(), real=int(batch["attention_mask"].sum()),
+                       computed=batch["input_ids"].numel())
+        return batch
+
+    step = engine.step
+
+    def timed_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if started:
+            print(f"BENCH_STEP {time.perf_counter() - started['t']:.6f} {started['real']} {started['computed']}",
+                  flush=True)
+        return out
+
+    engine.step = timed_step  # an instance attribute: only this engine, only this process
+    return timed_collate
+
+
+def _pad_batch(batch, pad_to, pad):
+    """Right-pad every [B, L] tensor of the batch to [B, pad_to] (labels with -100, masks with 0)."""
+    from forgepipe.data.tokenize import IGNORE_INDEX
+
+    fill = {"labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0}
+    out = dict(batch)
+    for key, value in batch.items():
+        if value.dim() == 2 and value.shape[1] < pad_to:
+            out[key] = pad(value.tolist(), fill.get(key, _pad_id(batch)), "right", pad_to)
+    return out
+
+
+def _pad_id(batch) -> int:
+    """The batch's pad id: what input_ids hold where the mask is 0 (the tokenizer's pad token)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    holes = ids[mask == 0]
+    return int(holes[0]) if holes.numel() else 0
+
+
+def install(order: str, pad_to: int | None) -> None:
+    import forgepipe.loop as loop
+    import forgepipe.stages.supervised as supervised
+    from forgepipe.data.collate import length_grouped_order, sample_lengths
+
+    original = supervised.train_loop
+
+    def train_loop(*, engine, train_data, collate, settings, world, **kwargs):
+        if order == "grouped":
+            lengths = sample_lengths(train_data)
+            span = world.world_size * settings.micro_batch
+            loop.epoch_order = lambda n, seed, epoch: length_grouped_order(lengths, span, seed, epoch)
+        return original(engine=engine, train_data=train_data, collate=_clocked(engine, collate, pad_to),
+                        settings=settings, world=world, **kwargs)
+
+    supervised.train_loop = train_loop
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    order, pad_to = "shuffled", None
+    while args and args[0].startswith("--"):
+        flag, value, args = args[0], args[1], args[2:]
+        if flag == "--order":
+            order = value
+        elif flag == "--pad-to":
+            pad_to = int(value)
+        else:
+            raise SystemExit(f"fp_run: unknown flag {flag}")
+    print(f"BENCH_START {time.time():.6f}", flush=True)
+    install(order, pad_to)
+    from forgepipe.cli import main as cli_main
+
+    sys.argv = ["forgepipe", *args]
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
