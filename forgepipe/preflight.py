@@ -110,12 +110,13 @@ NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tr
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """(honoured, refused) changes between two flattened configs: key -> (old, new)."""
+    """(honoured, refused) changes between two flattened configs: key -> (old, new). A key only one
+    side has came or went with a forgepipe upgrade between the two runs: nothing the user changed."""
     honoured, refused = {}, {}
-    for key in sorted(set(old) | set(new)):
-        if key in NOT_COMPARED or old.get(key) == new.get(key):
+    for key in sorted(set(old) & set(new)):
+        if key in NOT_COMPARED or old[key] == new[key]:
             continue
-        (honoured if key in HONOURED_ON_RESUME else refused)[key] = (old.get(key), new.get(key))
+        (honoured if key in HONOURED_ON_RESUME else refused)[key] = (old[key], new[key])
     return honoured, refused
 
 

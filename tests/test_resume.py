@@ -336,3 +336,13 @@ def test_a_changed_config_is_refused_on_resume(tiny_model, reference, tmp_path, 
     assert code == 2 and len(errors) == 1, log[-3000:]
     assert errors[0].startswith("forgepipe: error: --") and culprit in errors[0]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_config_changes_ignore_keys_of_another_forgepipe_version():
+    from forgepipe.preflight import config_changes
+
+    old = {"train.lr": 1e-3, "train.seed": 1, "ppo.hybrid_engine": False}  # a key since removed
+    new = {"train.lr": 2e-3, "train.seed": 2, "dpo.beta": 0.1}  # a key added since
+    honoured, refused = config_changes(old, new)
+    assert honoured == {"train.lr": (1e-3, 2e-3)}
+    assert refused == {"train.seed": (1, 2)}
