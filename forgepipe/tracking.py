@@ -211,16 +211,19 @@ def pipeline_tags(configs: dict[str, Config]) -> dict[str, str]:
 def pipeline_params(configs: dict[str, Config]) -> dict[str, Any]:
     """A pipeline parent run's params: every config key, once where all stages agree, and as
     `<stage>.<key>` where they differ (model, output_dir, stage...), so that the parent alone says
-    how the whole pipeline was configured."""
-    flats = {stage: cfg.flat() for stage, cfg in configs.items()}
+    how the whole pipeline was configured. A stage's own section (`ppo.*`, `reward.*`, `dpo.*`) is
+    given under that stage's name only."""
+    own = {"ppo", "reward", "dpo"}  # config sections only their own stage reads
+    flats = {stage: {k: v for k, v in cfg.flat().items() if k.split(".")[0] not in own - {stage}}
+             for stage, cfg in configs.items()}
     keys = sorted({k for flat in flats.values() for k in flat})
     params: dict[str, Any] = {}
     for key in keys:
-        values = [flat.get(key) for flat in flats.values()]
-        if all(v == values[0] for v in values):
+        values = [flat[key] for flat in flats.values() if key in flat]
+        if len(values) == len(flats) and all(v == values[0] for v in values):
             params[key] = values[0]
         else:
-            params.update({f"{stage}.{key}": flat.get(key) for stage, flat in flats.items()})
+            params.update({f"{stage}.{key}": flat[key] for stage, flat in flats.items() if key in flat})
     return params
 
 

@@ -117,6 +117,7 @@ def test_a_pipeline_parent_carries_the_config_and_each_childs_results(store_uri,
     params = pipeline_params(configs)
     assert params["deepspeed.zero_stage"] == 2 and "stage" not in params
     assert (params["sft.stage"], params["ppo.output_dir"]) == ("sft", str(tmp_path / "ppo"))
+    assert params["ppo.ppo.kl_coef"] == 0.1 and "sft.ppo.kl_coef" not in params and "ppo.kl_coef" not in params
 
     parent = Tracker.start(world=World(), uri=store_uri, experiment="records", run_name="p", tags={"stage": "pipeline"})
     parent.log_params(params)
