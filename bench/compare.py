@@ -226,9 +226,9 @@ def table(results: list[Result], s: Settings) -> str:
     return "\n".join(lines)
 
 
-def write_results(section: str, path: Path = REPO / "bench" / "RESULTS.md") -> None:
-    """Replace the text between the bench:compare markers (appended the first time)."""
-    start, end = "<!-- bench:compare:start -->", "<!-- bench:compare:end -->"
+def write_results(section: str, path: Path = REPO / "bench" / "RESULTS.md", marker: str = "compare") -> None:
+    """Replace the text between the bench:<marker> markers (appended the first time)."""
+    start, end = f"<!-- bench:{marker}:start -->", f"<!-- bench:{marker}:end -->"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = f"{start}\n{section}\n{end}"
     if start in text and end in text:
