@@ -33,7 +33,7 @@ def stage_models(method: str, model: str, reward_model: str | None, out: Path) -
     """Each stage's model options: the given models for the first stages, the exports after."""
     if method == "dpo":
         if reward_model:
-            raise ForgeError("not used by --method dpo (DPO needs no reward model)", key="ppo.reward_model")
+            raise ForgeError("--reward-model: not used by --method dpo (DPO needs no reward model)")
         return {"sft": {"model.name_or_path": model}, "dpo": {"model.name_or_path": str(out / "sft")}}
     return {"sft": {"model.name_or_path": model}, "reward": {"model.name_or_path": reward_model or model},
             "ppo": {"model.name_or_path": str(out / "sft"), "ppo.reward_model": str(out / "reward")}}
