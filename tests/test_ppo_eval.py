@@ -77,7 +77,7 @@ def test_a_policy_judged_against_itself_ties_and_has_no_kl(tiny_model):
     rows = datasets.Dataset.from_list([json.loads(line) for line in SAMPLE_PAIRS.read_text().splitlines()[:5]])
     prompts = tokenize_prompts(rows, tok, 64, None)
     settings = EvalSettings(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=5,
-                            temperature=1.0, top_p=1.0, batch_size=2, forward_batch_size=2, table_rows=3,
+                            temperature=1.0, top_p=1.0, batch_size=2, forward_batch_size=2, table_rows=3, seed=0,
                             gather=False, synced_gpus=False, reward_kwargs={})
     evaluate = PolicyEvaluation(prompts, actor, actor, reward, tok, settings, World(), Tracker(enabled=False))
     m = evaluate(step=1)
@@ -87,7 +87,15 @@ def test_a_policy_judged_against_itself_ties_and_has_no_kl(tiny_model):
     assert 1 <= m["ppo/eval_sampled_response_len"] <= 5
     assert m["ppo/eval_kl"] == pytest.approx(0.0, abs=1e-6) and m["ppo/eval_kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert len(evaluate.reference) == 3  # 5 prompts in batches of 2; the reference's answers are kept
-    assert evaluate(step=2)["ppo/eval_win_rate"] == 0.5
+    first = evaluate(step=2)
+    assert first["ppo/eval_win_rate"] == 0.5
+    # Sampling has its own random state: the same step samples the same answers, and training's
+    # random stream is where it was before the evaluation.
+    torch.manual_seed(123)
+    assert evaluate(step=2) == first
+    after = torch.rand(1).item()
+    torch.manual_seed(123)
+    assert after == torch.rand(1).item()
 
 
 @pytest.mark.slow

@@ -111,6 +111,12 @@ def test_ppo_zero3_two_ranks_generates_and_trains(toy, tmp_path):
     for key in (*REQUIRED_METRICS, "ppo/ptx_loss"):
         values = metric_values(client, run.info.run_id, key)
         assert len(values) == 2 and all(math.isfinite(v) for v in values), (key, values)
+    # The held-out evaluation at the end, both ranks generating together (5 held-out prompts within
+    # --max-prompt-len over 2 ranks x 4: rank 1's batch is filled up with weightless copies).
+    assert run.data.params["data.eval_prompts"] == "5"
+    for key in ("ppo/eval_score", "ppo/eval_ref_score", "ppo/eval_win_rate", "ppo/eval_kl"):
+        values = metric_values(client, run.info.run_id, key)
+        assert len(values) == 1 and math.isfinite(values[0]), (key, values)
     for name in ("actor", "critic", "ref", "reward"):
         ds_json = artifact_json(client, run.info.run_id, f"deepspeed/{name}.json")
         assert ds_json["zero_optimization"]["stage"] == 3, name

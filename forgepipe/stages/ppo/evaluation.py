@@ -99,6 +99,7 @@ class EvalSettings:
     batch_size: int  # prompts per rank per generation call
     forward_batch_size: int  # rows per scoring forward
     table_rows: int  # rows of rank 0's prompts in the MLflow table
+    seed: int  # of the sampled answers (with the step), apart from training's random stream
     gather: bool  # ZeRO-3: gather the weights once per generation call
     synced_gpus: bool  # ZeRO-3 without gathering: ranks step together
     reward_kwargs: dict[str, Any]  # re-tokenization for a reward model with another tokenizer
@@ -166,7 +167,15 @@ class PolicyEvaluation:
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict[str, float]:
-        s, device = self.s, _device(self.actor)
+        """Collective. Sampling draws from its own generator state (seed, step, rank), restored
+        afterwards: training's random stream is the same with or without evaluations."""
+        device = _device(self.actor)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.s.seed * 1_000_003 + step * 1_009 + self.world.rank)
+            return self._evaluate(step, device)
+
+    def _evaluate(self, step: int, device: torch.device) -> dict[str, float]:
+        s = self.s
         self.actor.eval()  # the next PPO update sets train mode again
         totals = {k: torch.zeros((), dtype=torch.float64, device=device) for k in EVAL_SUMS}
         shown: list[tuple] = []

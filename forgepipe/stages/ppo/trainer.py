@@ -457,7 +457,7 @@ def policy_evaluation(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PP
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=p.max_new_tokens,
         temperature=p.temperature, top_p=p.top_p, batch_size=inputs.generation_batch,
         forward_batch_size=cfg.train.per_device_batch_size,
-        table_rows=getattr(cfg.train, "eval_generations", DEFAULT_EVAL_GENERATIONS),
+        table_rows=getattr(cfg.train, "eval_generations", DEFAULT_EVAL_GENERATIONS), seed=cfg.train.seed,
         gather=p.gather_for_generation, synced_gpus=run.world.world_size > 1 and not p.gather_for_generation,
         reward_kwargs={"actor_tokenizer": tok, "reward_tokenizer": inputs.reward_tokenizer} if inputs.mismatch else {},
     )
