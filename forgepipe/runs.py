@@ -64,12 +64,23 @@ class Store:
         if self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///"):]).is_file():
             # MLflow would create an empty store there; a wrong path should say so instead.
             raise ForgeError(f"--tracking-uri: no MLflow store at {self.uri[len('sqlite:///'):]}")
-        self.client = MlflowClient(tracking_uri=self.uri)
         self._runs: list | None = None
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+        except Exception as exc:
+            raise self.unusable(exc) from None
+
+    def unusable(self, exc: Exception) -> ForgeError:
+        """An unusable store (not an MLflow database, a server that does not answer): one line."""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return ForgeError(f"--tracking-uri: {self.uri}: {first}")
 
     def experiments(self) -> dict[str, str]:
-        """Experiment id -> name."""
-        return {e.experiment_id: e.name for e in self.client.search_experiments()}
+        """Experiment id -> name (the first read of a server store)."""
+        try:
+            return {e.experiment_id: e.name for e in self.client.search_experiments()}
+        except Exception as exc:
+            raise self.unusable(exc) from None
 
     def runs(self) -> list:
         """Every (active) run of every experiment, newest first; read once per command."""

@@ -113,6 +113,9 @@ def test_a_missing_store_is_one_error_not_a_new_empty_store(tmp_path):
     with pytest.raises(ForgeError, match="--tracking-uri: no MLflow store at"):
         Store(f"sqlite:///{tmp_path}/none/mlflow.db")
     assert not (tmp_path / "none").exists()
+    (tmp_path / "junk.db").write_text("not a database")
+    with pytest.raises(ForgeError, match=rf"--tracking-uri: sqlite:///{tmp_path}/junk.db: "):
+        Store(f"sqlite:///{tmp_path}/junk.db").runs()
 
 
 def test_list_shows_stage_model_ranks_zero_and_final_figures(store):
