@@ -63,6 +63,10 @@ def test_pipeline_method_dpo_configs(tmp_path):
     assert list(pipeline_configs("m", None, str(tmp_path / "p"), None, {})) == ["sft", "reward", "ppo"]
     with pytest.raises(ForgeError, match="--reward-model: not used by --method dpo"):
         pipeline_configs("m", "rm", str(tmp_path / "pipe"), None, {}, method="dpo")
+    with pytest.raises(ForgeError, match="--beta: only for --method dpo"):
+        pipeline_configs("m", None, str(tmp_path / "p"), None, {"dpo.beta": "0.3", "ppo.kl_coef": None})
+    with pytest.raises(ForgeError, match="--kl-coef: only for --method ppo"):
+        pipeline_configs("m", None, str(tmp_path / "p"), None, {"ppo.kl_coef": "0.3"}, method="dpo")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("stages:\n  ppo: {ppo: {kl_coef: 0.2}}\n")
     with pytest.raises(ForgeError, match="unknown stage 'ppo' \\(known for --method dpo: sft, dpo\\)"):

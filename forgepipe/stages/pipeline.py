@@ -39,11 +39,22 @@ def stage_models(method: str, model: str, reward_model: str | None, out: Path) -
             "ppo": {"model.name_or_path": str(out / "sft"), "ppo.reward_model": str(out / "reward")}}
 
 
+def check_method_options(method: str, overrides: dict[str, Any]) -> None:
+    """An option of the other method's last stage (--beta under --method ppo, --kl-coef under
+    --method dpo) would be silently ignored: refused instead."""
+    foreign = "dpo." if method == "ppo" else "ppo."
+    given = [key for key, value in overrides.items() if key.startswith(foreign) and value is not None]
+    if given:
+        other = "dpo" if method == "ppo" else "ppo"
+        raise ForgeError(f"only for --method {other} (this pipeline runs --method {method})", key=given[0])
+
+
 def pipeline_configs(model: str | None, reward_model: str | None, output_dir: str | None,
                      config_file: str | None, overrides: dict[str, Any], method: str = "ppo") -> dict[str, Config]:
     """One validated config per stage of `method`, in order: shared YAML keys, then the stage's
     `stages.<name>` section, then the command line (which applies to every stage)."""
     stages = METHODS[method]
+    check_method_options(method, overrides)
     tree = load_yaml(config_file) if config_file else {}
     sections = tree.pop("stages", {}) or {}
     unknown = set(sections) - set(stages)
