@@ -85,6 +85,13 @@ def normalised_rows(path: str, option: str):
     return ds
 
 
+def quiet_loading() -> None:
+    """No weight-loading progress bar in front of the answers (this is a terminal command's output)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_chat_model(model_dir: str, dtype: str):
     """(model on this machine's device in eval mode, left-padding tokenizer); a reward export is refused."""
     from forgepipe.distributed import World, device_for
@@ -93,6 +100,7 @@ def load_chat_model(model_dir: str, dtype: str):
 
     if has_scalar_head(model_dir):
         raise ForgeError(f"MODEL_DIR: {model_dir} is a reward model export; score with `forgepipe score` instead")
+    quiet_loading()
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_causal_lm(model_dir, dtype=dtype, tokenizer=tokenizer)
     return model.to(device_for(World())).eval(), tokenizer
@@ -242,6 +250,7 @@ def load_reward_model(model_dir: str, dtype: str):
     if not has_scalar_head(model_dir):
         raise ForgeError(f"REWARD_DIR: {model_dir} is not a reward model export (no scalar head); "
                          "give the output of `forgepipe reward`")
+    quiet_loading()
     tokenizer = load_tokenizer(model_dir)
     model = load_scalar_model(model_dir, dtype=dtype, tokenizer=tokenizer)
     return model.to(device_for(World())).eval(), tokenizer
