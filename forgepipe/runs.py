@@ -35,6 +35,8 @@ FIGURES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "reward": (("reward/loss", "train/loss"), ("reward/eval_accuracy", "eval/accuracy"), ("perf/tokens_per_s",)),
     "ppo": (("ppo/score_mean",), ("ppo/eval_score",), ("perf/gen_tokens_per_s",)),
     "dpo": (("dpo/loss", "train/loss"), ("dpo/eval_accuracy", "eval/accuracy"), ("perf/tokens_per_s",)),
+    # A pipeline's parent: its last stage's results, recorded on it (tracking.CHILD_RESULTS).
+    "pipeline": (("ppo/final_score_mean",), ("ppo/final_eval_score", "dpo/final_eval_accuracy"), ()),
 }
 # Name fragments saying which way a metric is better (for "best"); neither: no best (lr, lengths).
 HIGHER_IS_BETTER = ("accuracy", "tokens_per_s", "samples_per_s", "tflops", "mfu", "score", "reward", "gap",
@@ -490,6 +492,20 @@ def export_line(directory: str | None) -> str:
     return directory + state
 
 
+def dataset_line(dataset_input) -> str:
+    """`training    pairs.jsonl (digest)  rows: train 54, eval 6  /data/pairs.jsonl`."""
+    ds = dataset_input.dataset
+    context = next((t.value for t in dataset_input.tags if t.key == "mlflow.data.context"), "-")
+    try:
+        rows = json.loads(ds.profile or "{}").get("rows", {})
+        where = json.loads(ds.source).get("uri", ds.source)
+    except (ValueError, AttributeError):
+        rows, where = {}, ds.source
+    counts = ", ".join(f"{split} {n}" for split, n in rows.items())
+    where = " ".join(where) if isinstance(where, list) else where
+    return f"{context:10}  {ds.name} ({ds.digest})  rows: {counts or '-'}  {where}"
+
+
 def show_run(store: Store, run) -> str:
     """`forgepipe runs show`: what the run is, where its files are, its environment and its config."""
     tags, info = run.data.tags, run.info
@@ -508,9 +524,7 @@ def show_run(store: Store, run) -> str:
     if inputs:
         out += ["", "data:"]
         for di in inputs:
-            context = next((t.value for t in di.tags if t.key == "mlflow.data.context"), "")
-            out.append(f"  {context or '-':10}  {di.dataset.name}  digest {di.dataset.digest}  "
-                       f"{di.dataset.profile or ''}  {di.dataset.source}")
+            out.append("  " + dataset_line(di))
     out += ["", "versions:"]
     out += [f"  {k.removesuffix('_version'):14} {tags[k]}" for k in VERSION_TAGS if k in tags]
     out += ["", "environment:"]

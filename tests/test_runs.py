@@ -81,6 +81,12 @@ def store(tmp_path_factory):
                   "output_dir": f"/out/z{zero}", "torch_version": "2.13.0"},
             artifacts={"deepspeed/model.json": ds_json(zero), "config.yaml": cfg.to_yaml(),
                        "environment.json": {"SLURM_JOB_ID": "77"}})
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(ids[3], datasets=[DatasetInput(
+        Dataset("pairs.jsonl", "0123abcd", "local", json.dumps({"uri": "/data/pairs.jsonl"}),
+                profile=json.dumps({"rows": {"train": 54, "eval": 6}})),
+        tags=[InputTag("mlflow.data.context", "training")])])
     parent = client.create_run(exp, run_name="pipeline-pipe", tags={"stage": "pipeline"}).info.run_id
     child = {"mlflow.parentRunId": parent, "world_size": "1"}
     ids["reward"] = make_run(client, exp, "reward tiny z0 1r", params={"deepspeed.zero_stage": 0},
@@ -175,6 +181,7 @@ def test_show_prints_files_versions_environment_and_config(store):
     text = show_run(st, st.find(ids[3]))
     assert "output       /out/z3" in text
     assert "checkpoints  /out/z3/checkpoints (not on this machine)" in text
+    assert "  training    pairs.jsonl (0123abcd)  rows: train 54, eval 6  /data/pairs.jsonl" in text
     assert re.search(r"torch\s+2\.13\.0", text) and "SLURM_JOB_ID=77" in text
     assert "    zero_stage: 3" in text.split("config (config.yaml):")[1]
 
