@@ -113,6 +113,8 @@ class TrainConfig:
     seed: int = 1234
     grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    eval_generations: int = bounded(8, ge=0)  # held-out generations (reward: scored pairs) logged per evaluation
+    eval_max_new_tokens: int = bounded(64, ge=1)  # longest SFT/DPO answer generated for that table
     eval_every: int = bounded(0, ge=0)  # optimizer steps between evaluations; 0: only at the end
     log_every: int = bounded(1, ge=1)
     save_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints; 0: only at the end
@@ -180,6 +182,7 @@ class PPOConfig:
     top_p: float = bounded(1.0, gt=0, le=1)
     generation_batch_size: int | None = bounded(None, ge=1)  # prompts per rank per experience batch
     ppo_epochs: int = bounded(1, ge=1)
+    eval_prompts: int = bounded(64, ge=0)  # held-out prompts policy and reference answer per evaluation (0: off)
     kl_coef: float = bounded(0.1, ge=0)
     reward_clip: float = bounded(5.0, gt=0)
     policy_clip: float = bounded(0.2, gt=0)

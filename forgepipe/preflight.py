@@ -97,7 +97,8 @@ def check_output_dir(cfg: Config) -> None:
 HONOURED_ON_RESUME = {
     "train.lr", "train.max_steps", "train.epochs", "train.warmup_ratio", "train.min_lr_ratio", "ppo.critic_lr",
     "train.log_every", "train.eval_every", "train.save_every", "train.save_every_minutes", "train.keep_last",
-    "train.peak_tflops", "data.eval_max_samples", "data.max_dropped_fraction", "model.gradient_checkpointing",
+    "train.peak_tflops", "train.eval_generations", "train.eval_max_new_tokens", "ppo.eval_prompts",
+    "data.eval_max_samples", "data.max_dropped_fraction", "model.gradient_checkpointing",
     "ppo.critic_gradient_checkpointing", "tracking.log_checkpoints", "deepspeed.flops_profiler",
     "deepspeed.profile_step", "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters",
     "deepspeed.prefetch_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.reduce_bucket_size",

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 TABLE_FILE = "reward_eval/pairs.json"
 CONSOLE_ROWS = 3
-DEFAULT_EVAL_PAIRS = 8  # until config.py has train.eval_generations
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,7 +104,7 @@ def split_pair(chosen: list[int], rejected: list[int]) -> tuple[list[int], list[
 def show_scores(engine, data, cfg: Config, tokenizer, tracker, step: int) -> None:
     """The first held-out pairs with both scores: an MLflow table (reward_eval/pairs.json) and a
     few console lines. Every rank scores the same pairs (a forward is collective under ZeRO-3)."""
-    limit = getattr(cfg.train, "eval_generations", DEFAULT_EVAL_PAIRS)
+    limit = cfg.train.eval_generations
     examples = [data[i] for i in range(min(len(data), limit))]
     if not examples:
         return

@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 
 TABLE_FILE = "sft_eval/generations.json"
 CONSOLE_ROWS = 3
-DEFAULT_EVAL_GENERATIONS = 8  # until config.py has train.eval_generations
-DEFAULT_EVAL_NEW_TOKENS = 64  # until config.py has train.eval_max_new_tokens
 
 
 def lm_loss(engine, batch):
@@ -73,12 +71,12 @@ def show_generations(engine, data, cfg: Config, tokenizer, tracker, step: int) -
     """The model's greedy answers to the first held-out prompts beside the data's own answers:
     an MLflow table (sft_eval/generations.json) and a few console lines. Every rank generates for
     the same prompts (each generate call is collective under ZeRO-3); rank 0's tracker records."""
-    limit = getattr(cfg.train, "eval_generations", DEFAULT_EVAL_GENERATIONS)
+    limit = cfg.train.eval_generations
     pairs = [pa for pa in (prompt_and_answer(data[i]) for i in range(min(len(data), 4 * limit))) if pa][:limit]
     if not pairs:
         return
     answers = generate_for_ids(engine, tokenizer, [{"prompt_input_ids": p} for p, _ in pairs],
-                               max_new_tokens=getattr(cfg.train, "eval_max_new_tokens", DEFAULT_EVAL_NEW_TOKENS),
+                               max_new_tokens=cfg.train.eval_max_new_tokens,
                                batch_size=cfg.train.per_device_batch_size,
                                gather=engine.zero_optimization_partition_weights())
     if not tracker.enabled:

@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 
 TABLE_FILE = "dpo_eval/generations.json"
 CONSOLE_ROWS = 3
-DEFAULT_EVAL_GENERATIONS = 8  # until config.py has train.eval_generations
-DEFAULT_EVAL_NEW_TOKENS = 64  # until config.py has train.eval_max_new_tokens
 
 
 # ---------------------------------------------------------------------------
@@ -135,12 +133,12 @@ def show_generations(engine, data, cfg: Config, tokenizer, tracker, step: int) -
     """The policy's greedy answers to the first held-out prompts beside the pair's two answers: an
     MLflow table (dpo_eval/generations.json) and a few console lines. Every rank generates (each
     generate call is collective under ZeRO-3); rank 0's tracker records."""
-    examples = [data[k] for k in range(min(len(data), getattr(cfg.train, "eval_generations", DEFAULT_EVAL_GENERATIONS)))]
+    examples = [data[k] for k in range(min(len(data), cfg.train.eval_generations))]
     if not examples:
         return
     answers = generate_for_ids(engine, tokenizer, [{"prompt_input_ids": e["chosen_input_ids"][:e["prompt_len"]]}
                                                    for e in examples],
-                               max_new_tokens=getattr(cfg.train, "eval_max_new_tokens", DEFAULT_EVAL_NEW_TOKENS),
+                               max_new_tokens=cfg.train.eval_max_new_tokens,
                                batch_size=cfg.train.per_device_batch_size,
                                gather=engine.zero_optimization_partition_weights())
     if not tracker.enabled:

@@ -45,8 +45,6 @@ from forgepipe.stages.record import RunRecord
 log = logging.getLogger(__name__)
 
 EMA_FILE = "ema_actor.pt"
-DEFAULT_EVAL_PROMPTS = 64  # until config.py has ppo.eval_prompts
-DEFAULT_EVAL_GENERATIONS = 8  # until config.py has train.eval_generations
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +318,7 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
 
 def held_out_prompts(cfg: Config, eval_raw, tokenizer, cache_dir: str):
     """The first `ppo.eval_prompts` held-out prompts that fit --max-prompt-len, or None (no evaluation)."""
-    limit = getattr(cfg.ppo, "eval_prompts", DEFAULT_EVAL_PROMPTS)
+    limit = cfg.ppo.eval_prompts
     if limit <= 0 or not len(eval_raw):
         return None
     try:
@@ -457,7 +455,7 @@ def policy_evaluation(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PP
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=p.max_new_tokens,
         temperature=p.temperature, top_p=p.top_p, batch_size=inputs.generation_batch,
         forward_batch_size=cfg.train.per_device_batch_size,
-        table_rows=getattr(cfg.train, "eval_generations", DEFAULT_EVAL_GENERATIONS), seed=cfg.train.seed,
+        table_rows=cfg.train.eval_generations, seed=cfg.train.seed,
         gather=p.gather_for_generation, synced_gpus=run.world.world_size > 1 and not p.gather_for_generation,
         reward_kwargs={"actor_tokenizer": tok, "reward_tokenizer": inputs.reward_tokenizer} if inputs.mismatch else {},
     )
