@@ -194,3 +194,19 @@ def test_dpo_resumes_from_its_checkpoint_to_the_uninterrupted_curve(tiny_model, 
     parts, log = run(tmp_path / "parts", 4)
     assert "resumed from" in log and len(parts) == 4
     assert parts == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ipo_lora_reference_on_the_fly_with_gradient_checkpointing(tiny_model, tmp_path):
+    """Each micro-batch: the reference pass with the adapters off, then the policy's pass. At step 1
+    LoRA is still the identity, so h = 0 and IPO's loss is (0 - 1/(2 beta))^2 = 1 at beta 0.5."""
+    data = separable_pairs(tmp_path / "pairs.jsonl", n=80)
+    db = tmp_path / "mlflow.db"
+    proc = run_forgepipe(dpo_args(tiny_model, data, tmp_path / "ipo", db, "--zero-stage", "3", "--loss", "ipo",
+                                  "--per-device-batch-size", "8", "--max-steps", "3", "--lora-dim", "8",
+                                  "--gradient-checkpointing"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run = mlflow_run(db)
+    assert run.data.params["dpo.reference"] == "adapters"
+    losses = metric_values(client, run.info.run_id, "dpo/loss")
+    assert losses[0] == pytest.approx(1.0, abs=1e-5) and losses[-1] < losses[0]
