@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import SAMPLE_DOCS, metric_values, mlflow_run, run_forgepipe
+from conftest import SAMPLE_DOCS, artifact_json, metric_values, mlflow_run, run_forgepipe
 from test_reward import separable_pairs
 
 from forgepipe.config import build_config
@@ -100,8 +100,9 @@ def test_dpo_learns_separable_preferences_zero3_two_ranks(tiny_model, tmp_path):
 
     data = separable_pairs(tmp_path / "pairs.jsonl")
     out, db = tmp_path / "dpo", tmp_path / "mlflow.db"
-    proc = run_forgepipe(dpo_args(tiny_model, data, out, db, "--zero-stage", "3", "--per-device-batch-size", "4",
-                                  "--max-steps", "8", "--eval-every", "4"), nproc=2)
+    # ZeRO++'s hpZ on the policy (qwZ/qgZ need GPUs); the reference engine beside it has no ZeRO++.
+    proc = run_forgepipe(dpo_args(tiny_model, data, out, db, "--zero-stage", "3", "--hpz-size", "2",
+                                  "--per-device-batch-size", "4", "--max-steps", "8", "--eval-every", "4"), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, run = mlflow_run(db)
     assert run.data.tags["stage"] == "dpo" and run.data.tags["world_size"] == "2"
@@ -114,6 +115,9 @@ def test_dpo_learns_separable_preferences_zero3_two_ranks(tiny_model, tmp_path):
     assert m["dpo/eval_margin"] == pytest.approx(m["dpo/eval_reward_chosen"] - m["dpo/eval_reward_rejected"])
     assert {"dpo/reward_chosen", "dpo/reward_rejected", "dpo/margin", "dpo/accuracy", "dpo/eval_loss"} <= set(m)
     assert run.data.params["dpo.reference"] == "engine" and int(run.data.params["data.identical_pairs_dropped"]) == 6
+    ds_json = artifact_json(client, run.info.run_id, "deepspeed/model.json")["zero_optimization"]
+    assert ds_json["zero_hpz_partition_size"] == 2
+    assert "zero_hpz_partition_size" not in artifact_json(client, run.info.run_id, "deepspeed/ref.json")["zero_optimization"]
     assert "dpo_eval/generations.json" in [a.path for a in client.list_artifacts(run.info.run_id, "dpo_eval")]
     assert json.loads((out / "model" / "forgepipe.json").read_text())["stage"] == "dpo"
     AutoModelForCausalLM.from_pretrained(out / "model")  # a plain transformers export
