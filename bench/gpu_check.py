@@ -311,7 +311,7 @@ class Checker:
                 raise RuntimeError(f"forgepipe {stage} exited {proc.returncode} (see {self.log / name}.log)")
             m = self.metrics(name)
             self.fill_perf(row, m)
-            losses = m.get("train/loss", [])
+            losses = m.get(f"{stage}/loss", [])
             k = max(1, len(losses) // 3)
             row.checks["loss"] = bool(losses) and all(map(math.isfinite, losses)) and \
                 sum(losses[-k:]) / k < sum(losses[:k]) / k
@@ -337,7 +337,7 @@ class Checker:
         second = self.forgepipe(name, stage, extended, self.args.timeout)
         if first.returncode or second.returncode:
             raise RuntimeError(f"resume runs exited {first.returncode}, {second.returncode} (see {self.log / name}.log)")
-        key = "eval/loss" if stage == "sft" else "eval/accuracy"
+        key = "sft/eval_loss" if stage == "sft" else "reward/eval_accuracy"
         got, want = self.metrics(name).get(key, [None])[-1], ref_metrics.get(key, [None])[-1]
         if got is None or want is None:
             return False

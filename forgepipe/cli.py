@@ -24,7 +24,7 @@ import yaml
 from forgepipe import __version__
 from forgepipe.config import Config, build_config, set_dotted, validate
 from forgepipe.errors import ForgeError
-from forgepipe.layout import StageResult
+from forgepipe.layout import StageResult, share_with_group
 from forgepipe.options import COMMON_OPTIONS, DPO_OPTIONS, PPO_OPTIONS, REPEATABLE
 from forgepipe.preflight import check_run, check_shown
 from forgepipe.signals import EXIT_PREEMPTED, STOP, Preempted, StartupStop
@@ -157,6 +157,7 @@ def main(verbose: bool) -> None:
     Launch under torchrun, the deepspeed launcher, or directly under Slurm's srun (one task per GPU).
     """
     setup_logging(verbose)
+    share_with_group()  # Frontier projects share directories: what forgepipe writes is group-readable
 
 
 def report(what: str, result: StageResult, cfg: Config) -> None:
@@ -167,6 +168,10 @@ def report(what: str, result: StageResult, cfg: Config) -> None:
         click.echo(f"{what} model: {result.model_dir}")
         click.echo(f"MLflow: {result.tracking_uri} (experiment {cfg.tracking.experiment!r}"
                    + (f", run {result.run_id})" if result.run_id else ")"))
+        if result.run_id:
+            from forgepipe.runs import run_summary
+
+            click.echo(run_summary(result.tracking_uri, result.run_id))
 
 
 @main.command()
@@ -249,7 +254,15 @@ def pipeline(model, reward_model, output_dir, config_file, method, **kwargs):
     configs = pipeline_configs(model, reward_model, output_dir, config_file, overrides, method=method)
     check_pipeline(configs)
     last = list(configs)[-1]
-    report("PPO actor" if last == "ppo" else "DPO policy", run_pipeline(configs), configs[last])
+    result = run_pipeline(configs)
+    report("PPO actor" if last == "ppo" else "DPO policy", result, configs[last])
+    from forgepipe.distributed import is_main_process
+
+    if is_main_process():
+        from forgepipe.runs import pipeline_summary
+        from forgepipe.stages.pipeline import parent_run_id
+
+        click.echo(pipeline_summary(result.tracking_uri, parent_run_id(configs)))
 
 
 @main.group()

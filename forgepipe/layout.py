@@ -11,6 +11,7 @@ the pre-launch checks and the pipeline look for. No imports: the checks stay fas
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,15 @@ CHECKPOINT_DIR = "checkpoints"
 LOOP_STATE = "loop_state.json"
 CONFIG_FILE = "config.yaml"
 PROFILE_FILE = "flops_profile.txt"
+
+
+def share_with_group() -> None:
+    """Let the group read (and enter) what this process creates: Frontier projects share their
+    directories, and a umask of 077 would keep checkpoints, exports and the MLflow store from the
+    rest of the project. Clears only the group's read and execute bits of the umask; write stays
+    as the user set it. Called once at the start of a command."""
+    current = os.umask(0)
+    os.umask(current & ~0o050)
 
 
 def resolve_stage_output(path: str) -> str:

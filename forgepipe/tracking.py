@@ -509,17 +509,8 @@ def store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def share_with_group() -> None:
-    """Let the group read (and enter) what this process creates: Frontier projects share their
-    directories, and a umask of 077 would keep checkpoints, exports and the MLflow store from the
-    rest of the project. Clears only the group's read and execute bits of the umask; write stays
-    as the user set it. Called once at the start of a command."""
-    current = os.umask(0)
-    os.umask(current & ~0o050)
-
-
 def group_readable(path: str | Path) -> None:
-    """The mode a plain file gets under the current umask (with group read, see share_with_group),
+    """The mode a plain file gets under the current umask (with group read, see layout.share_with_group),
     for files made by tempfile, which creates them 0600 whatever the umask."""
     current = os.umask(0)
     os.umask(current)

@@ -21,7 +21,7 @@ def test_pipeline_two_ranks_zero3_parent_with_three_children(tiny_model, tmp_pat
     proc = run_forgepipe(pipeline_args(tiny_model, out, db, "--zero-stage", "3"), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    client, parent = mlflow_run(db, f"pipeline-{out.name}")
+    client, parent = mlflow_run(db, "pipeline tiny-gpt-neox z3 2r")
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -37,6 +37,9 @@ def test_pipeline_two_ranks_zero3_parent_with_three_children(tiny_model, tmp_pat
         summary = json.loads((out / stage / "forgepipe-run.json").read_text())
         assert summary["model_dir"] == str((out / stage / "model").resolve())
     assert parent.data.tags["ppo_model_dir"] == str((out / "ppo" / "model").resolve())
+    assert parent.data.tags["child.ppo"] == by_stage["ppo"].info.run_id
+    assert "ppo/final_score_mean" in parent.data.metrics  # each child's key results on the parent
+    assert f"pipeline run {parent.info.run_id}" in proc.stdout  # the pipeline's summary names its parent
 
     # A rerun finds every stage done: nothing is trained again, and the parent run is the same.
     again = run_forgepipe(pipeline_args(tiny_model, out, db, "--zero-stage", "3"))

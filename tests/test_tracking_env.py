@@ -91,7 +91,8 @@ def test_files_forgepipe_writes_are_readable_by_the_group(tmp_path):
     import os
     import stat
 
-    from forgepipe.tracking import share_with_group, write_json_atomic
+    from forgepipe.layout import share_with_group
+    from forgepipe.tracking import write_json_atomic
 
     before = os.umask(0o077)  # a user who shares nothing by default
     try:

@@ -21,7 +21,7 @@ from forgepipe.errors import ForgeError
 from forgepipe.layout import StageResult
 from forgepipe.preflight import finished_stage
 from forgepipe.signals import Preempted
-from forgepipe.tracking import Tracker, write_json_atomic
+from forgepipe.tracking import Tracker, pipeline_params, pipeline_tags, run_name_for, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ def preflight(configs: dict[str, Config]) -> None:
                         max_dropped_fraction=cfg.data.max_dropped_fraction)
 
 
+def parent_run_id(configs: dict[str, Config]) -> str:
+    """The pipeline's MLflow parent run, as its state file records it."""
+    root = Path(configs["sft"].output_dir).parent
+    return json.loads((root / PIPELINE_FILE).read_text())["parent_run_id"]
+
+
 def run_pipeline(configs: dict[str, Config]) -> StageResult:
     """The stages of `configs` in order (pipeline_configs), under one MLflow parent run."""
     from forgepipe.stages.dpo.trainer import run_dpo
@@ -116,9 +122,10 @@ def run_pipeline(configs: dict[str, Config]) -> StageResult:
         resume = configs["sft"].train.resume != "never" and not configs["sft"].overwrite
         first = configs["sft"]
         tracker = Tracker.start(world=world, uri=first.tracking.uri, experiment=first.tracking.experiment,
-                                run_name=first.tracking.run_name or f"pipeline-{root.name}",
+                                run_name=run_name_for(first, world, stage="pipeline"),
                                 run_id=previous.get("parent_run_id") if resume else None,
-                                tags={"stage": "pipeline", "method": "dpo" if "dpo" in configs else "ppo"})
+                                tags={**pipeline_tags(configs), "method": "dpo" if "dpo" in configs else "ppo"})
+        tracker.log_params(pipeline_params(configs))
         if world.is_main:
             root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(state_file, {"parent_run_id": tracker.run_id})
@@ -129,9 +136,11 @@ def run_pipeline(configs: dict[str, Config]) -> StageResult:
             result = finished_stage(configs[stage])
             if result:
                 log.info("stage %s already finished: %s", stage, result.model_dir)
+                tracker.record_child(stage, result.run_id)
                 continue
             result = runners[stage](configs[stage], parent_run_id=parent_id)
             tracker.set_tags({f"{stage}_model_dir": result.model_dir})
+            tracker.record_child(stage, result.run_id)
         status = "FINISHED"
         return result
     except BaseException as exc:

@@ -28,7 +28,7 @@ from forgepipe.loop import LoopState
 from forgepipe.options import label
 from forgepipe.preflight import resume_changes
 from forgepipe.signals import STOP, StopRequest
-from forgepipe.tracking import Tracker, resolve_tracking_uri, write_json_atomic
+from forgepipe.tracking import Tracker, resolve_tracking_uri, share_tree, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,8 @@ class RunRecord:
              parent_run_id: str | None, ds_configs: dict[str, dict]) -> RunRecord:
         """Start the MLflow run (or reopen the resumed one) and log what the run is."""
         flat = cfg.flat()
-        tracker = Tracker.start(
-            world=world, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-            run_name=cfg.tracking.run_name or f"{cfg.stage}-{Path(cfg.output_dir).name}",
-            run_id=resumed.run_id if resumed else None, parent_run_id=parent_run_id, tags={"stage": cfg.stage},
-        )
+        tracker = Tracker.for_stage(cfg, world, run_id=resumed.run_id if resumed else None,
+                                    parent_run_id=parent_run_id)
         state = LoopState(fingerprint={**identity(cfg, world, models), "config": flat},
                           run_id=dist.broadcast_object(tracker.run_id))
         tracker.log_params(flat)  # on a resumed run, changed values become resumed.* tags
@@ -164,6 +161,7 @@ class RunRecord:
                              tracking_uri=resolve_tracking_uri(self.cfg.tracking.uri))
         output_dir = Path(self.cfg.output_dir)
         if self.world.is_main:
+            share_tree(model_dir)  # safetensors writes model.safetensors 0600 whatever the umask
             write_json_atomic(output_dir / RUN_FILE, result.to_dict())  # written last: the stage finished
         self.tracker.set_tags({"model_dir": result.model_dir})
         if (output_dir / PROFILE_FILE).is_file():

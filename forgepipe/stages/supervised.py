@@ -84,6 +84,7 @@ def run_supervised(stage: SupervisedStage, cfg: Config, parent_run_id: str | Non
         ds_json = build_ds_config(cfg, ctx.world)
         run = ctx.begin(models={"model": model_path}, ds_configs={"model": ds_json})
         run.tracker.log_params({**data.params, "train.total_steps": steps})
+        run.tracker.log_datasets(d.sources, {"train": train_raw, "eval": eval_raw})
 
         engine = run.build_engine(
             ds_json, lambda: stage.build_model(cfg, model_path, tokenizer, cfg.model.gradient_checkpointing),

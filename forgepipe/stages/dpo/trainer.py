@@ -283,6 +283,7 @@ def run_dpo(cfg: Config, parent_run_id: str | None = None) -> StageResult:
             ds_configs["ref"] = build_ds_config(cfg, ctx.world, zeropp=False, train=False)
         run = ctx.begin(models={"model": inputs.model_path, "ref": inputs.ref_label}, ds_configs=ds_configs)
         run.tracker.log_params({**inputs.data.params, "train.total_steps": inputs.steps})
+        run.tracker.log_datasets(cfg.data.sources, {"train": inputs.data.train, "eval": inputs.data.eval})
         engine, reference = build_models(cfg, ctx, run, inputs, ds_configs)
         run.resume({"model": engine})
         settings, s, data = LoopSettings.from_train(cfg.train), settings_of(cfg), inputs.data

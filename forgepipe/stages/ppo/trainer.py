@@ -475,6 +475,7 @@ def run_ppo(cfg: Config, parent_run_id: str | None = None) -> StageResult:
         run.tracker.log_params({"data.train_prompts": len(inputs.prompts), "train.total_steps": inputs.steps,
                                 "data.eval_prompts": len(inputs.eval_prompts) if inputs.eval_prompts else 0,
                                 "train.optimizer_steps": inputs.optimizer_steps})
+        run.tracker.log_datasets(cfg.data.sources, {"train": inputs.prompts, "eval": inputs.eval_prompts})
         models = build_models(cfg, run, inputs, ds_configs)
         run.resume({"actor": models.actor, "critic": models.critic})
         ema = ppo_loop(cfg, run, inputs, models, initial_ema(cfg, run, models.actor))
