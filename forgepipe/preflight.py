@@ -121,7 +121,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, 
     return honoured, refused
 
 
-WORLD_SIZE_STAGES = ("sft", "reward")  # resumable at another world size (universal checkpoint)
+WORLD_SIZE_STAGES = ("sft", "reward", "dpo")  # resumable at another world size (universal checkpoint)
 
 
 def resume_changes(before: dict[str, Any], flat: dict[str, Any], world_size: int,
