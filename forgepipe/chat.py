@@ -206,7 +206,7 @@ def scored_rows(path: str, limit: int) -> tuple[list[str], list[str], list[str] 
         ds = ds.select(range(min(limit, len(ds))))
     kinds = set(ds["kind"])
     if not len(ds) or kinds == {"text"}:
-        raise ForgeError(f"--data: {path} has no prompt/response rows to score ({{text}} documents have none)")
+        raise ForgeError(f"{path} has no prompt/response rows to score ({{text}} documents have none)", key="data.sources")
     prompts, chosen = ds["prompt"][:], ds["chosen"][:]
     rejected = ds["rejected"][:] if kinds == {"pair"} else None
     return prompts, chosen, rejected

@@ -65,7 +65,7 @@ class Store:
         self.uri = resolve_tracking_uri(uri)
         if self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///"):]).is_file():
             # MLflow would create an empty store there; a wrong path should say so instead.
-            raise ForgeError(f"--tracking-uri: no MLflow store at {self.uri[len('sqlite:///'):]}")
+            raise ForgeError(f"no MLflow store at {self.uri[len('sqlite:///'):]}", key="tracking.uri")
         self._runs: list | None = None
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
@@ -75,7 +75,7 @@ class Store:
     def unusable(self, exc: Exception) -> ForgeError:
         """An unusable store (not an MLflow database, a server that does not answer): one line."""
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        return ForgeError(f"--tracking-uri: {self.uri}: {first}")
+        return ForgeError(f"{self.uri}: {first}", key="tracking.uri")
 
     def experiments(self) -> dict[str, str]:
         """Experiment id -> name (the first read of a server store)."""
@@ -272,7 +272,7 @@ def list_runs(store: Store, *, experiment: str | None = None, stage: str | None 
         ids = [i for i, name in store.experiments().items() if name == experiment]
         if not ids:
             known = ", ".join(sorted(store.experiments().values()))
-            raise ForgeError(f"--experiment: no experiment {experiment!r} in {store.uri} (there: {known})")
+            raise ForgeError(f"no experiment {experiment!r} in {store.uri} (there: {known})", key="tracking.experiment")
         runs = [r for r in runs if r.info.experiment_id in ids]
     if parent:
         runs = store.children(store.find(parent))

@@ -314,7 +314,7 @@ class Tracker:
                 raise
             # An unusable store (read-only, corrupt, a server that went away): one line, not a traceback.
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ForgeError(f"--tracking-uri: {uri}: {first}") from None
+            raise ForgeError(f"{uri}: {first}", key="tracking.uri") from None
 
     @classmethod
     def _open(cls, tracker, uri, experiment, run_name, run_id, parent_run_id, tags, world) -> Tracker:
@@ -333,8 +333,8 @@ class Tracker:
                 except MlflowException:
                     from forgepipe.errors import ForgeError
 
-                    raise ForgeError(f"--tracking-uri: the run being resumed ({run_id}) is not in {uri}; "
-                                     "give the store it was started in") from None
+                    raise ForgeError(f"the run being resumed ({run_id}) is not in {uri}; "
+                                     "give the store it was started in", key="tracking.uri") from None
                 client.update_run(run_id, status="RUNNING")
                 tracker.run_id = run_id
                 tracker.skip_through_step = tracker.last_logged_step()

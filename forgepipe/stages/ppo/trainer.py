@@ -88,8 +88,9 @@ def ppo_batch_sizes(cfg: Config) -> tuple[int, int]:
     gen = cfg.ppo.generation_batch_size or micro
     if gen < 1 or gen % micro or (gen // micro) % cfg.train.grad_accum:
         raise ForgeError(
-            f"--generation-batch-size: {gen} must be a multiple of --per-device-batch-size ({micro}) x "
-            f"--grad-accum ({cfg.train.grad_accum})"
+            f"{gen} must be a multiple of --per-device-batch-size ({micro}) x "
+            f"--grad-accum ({cfg.train.grad_accum})",
+            key="ppo.generation_batch_size",
         )
     return gen, gen // micro
 
@@ -141,8 +142,8 @@ def ptx_stream(data, collate, cfg: Config, world: dist.World, start: int):
     micro = cfg.train.per_device_batch_size
     per_epoch = len(data) // (world.world_size * micro)
     if per_epoch == 0:
-        raise ForgeError(f"--unsupervised-data: {len(data)} pieces are fewer than one micro-batch per rank "
-                         f"({world.world_size} x {micro})")
+        raise ForgeError(f"{len(data)} pieces are fewer than one micro-batch per rank "
+                         f"({world.world_size} x {micro})", key="data.unsupervised_sources")
     k = start
     cached: tuple[int, list[list[int]]] | None = None
     while True:
@@ -284,15 +285,15 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
     reward_path = _model_path(p.reward_model, cfg, "--reward")
     critic_path = _model_path(p.critic_model, cfg, "--critic") if p.critic_model else reward_path
     if not has_scalar_head(reward_path):
-        raise ForgeError(f"--reward: {reward_path} is not a reward model export (no scalar head); "
-                         "give the output of `forgepipe reward`")
+        raise ForgeError(f"{reward_path} is not a reward model export (no scalar head); "
+                         "give the output of `forgepipe reward`", key="ppo.reward_model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left",
                                trust_remote_code=cfg.model.trust_remote_code)
     reward_tokenizer = load_tokenizer(reward_path)
     mismatch = tokenizer_mismatch(tokenizer, reward_tokenizer)
     if mismatch and not p.allow_tokenizer_mismatch:
-        raise ForgeError(f"--reward: the tokenizer of {reward_path} does not match the actor's ({mismatch}); "
-                         "pass --allow-tokenizer-mismatch to re-tokenize responses as text for the reward model")
+        raise ForgeError(f"the tokenizer of {reward_path} does not match the actor's ({mismatch}); "
+                         "pass --allow-tokenizer-mismatch to re-tokenize responses as text for the reward model", key="ppo.reward_model")
     if mismatch:
         log.warning("actor and reward tokenizers differ (%s): the reward model reads re-tokenized text, "
                     "the critic reads the actor's ids", mismatch)
@@ -303,8 +304,8 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
     prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, ctx.cache_dir)
     per_epoch = len(prompts) // (world.world_size * gen_batch)
     if per_epoch == 0:
-        raise ForgeError(f"--generation-batch-size: {len(prompts)} prompts are fewer than one experience batch "
-                         f"({world.world_size} ranks x {gen_batch}); use a smaller batch or more data")
+        raise ForgeError(f"{len(prompts)} prompts are fewer than one experience batch "
+                         f"({world.world_size} ranks x {gen_batch}); use a smaller batch or more data", key="ppo.generation_batch_size")
     steps = per_epoch * cfg.train.epochs
     steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
     ptx_data = None
