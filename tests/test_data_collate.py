@@ -128,4 +128,4 @@ def test_sample_lengths_of_pairs_and_sft_rows():
     sft = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4]], "labels": [[1, 2, 3], [4]]})
     pairs = datasets.Dataset.from_dict({"chosen_input_ids": [[1, 2]], "rejected_input_ids": [[3, 4, 5]]})
     assert sample_lengths(sft) == [3, 1]
-    assert sample_lengths(pairs) == [5]
+    assert sample_lengths(pairs) == [3]  # the longer side: both are padded to it

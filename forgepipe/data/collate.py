@@ -124,9 +124,10 @@ def _pack_batch(batch: dict[str, list], max_seq_len: int) -> dict[str, list]:
 
 
 def sample_lengths(ds: datasets.Dataset) -> list[int]:
-    """Tokens per sample of a tokenized dataset: both sides of a pair, the ids of anything else."""
+    """The length that decides a sample's padded width: the longer side of a pair (PairCollator pads
+    chosen and rejected rows together), the ids of anything else."""
     if "chosen_input_ids" in ds.column_names:
-        return [len(c) + len(r) for c, r in zip(ds["chosen_input_ids"], ds["rejected_input_ids"], strict=True)]
+        return [max(len(c), len(r)) for c, r in zip(ds["chosen_input_ids"], ds["rejected_input_ids"], strict=True)]
     column = "input_ids" if "input_ids" in ds.column_names else "prompt_input_ids"
     return [len(ids) for ids in ds[column]]
 
