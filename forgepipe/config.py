@@ -92,6 +92,7 @@ class DataConfig:
     max_seq_len: int = bounded(512, ge=1)
     max_prompt_len: int = bounded(256, ge=1)  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
     packing: bool = False  # pack several short SFT samples into one sequence
+    group_by_length: bool = False  # micro-batches of like-length samples (less padding; seeded, resumable)
     cache_dir: str | None = None  # tokenized cache; default: <output_dir>/.cache
     unsupervised_sources: list[str] = field(default_factory=list)  # {text} documents for PPO-ptx
     max_dropped_fraction: float = bounded(0.1, ge=0, le=1)  # a source losing more of its rows (no format fits) is an error

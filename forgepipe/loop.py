@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import save_checkpoint
-from forgepipe.config import TrainConfig
+from forgepipe.config import Config
+from forgepipe.data.collate import length_grouped_order, sample_lengths
 from forgepipe.distributed import World
 from forgepipe.signals import Preempted, StopRequest
 from forgepipe.tracking import Tracker
@@ -58,6 +59,18 @@ def rank_batches(order: list[int], rank: int, world_size: int, micro_batch: int,
         order[i * span + rank * micro_batch: i * span + (rank + 1) * micro_batch]
         for i in range(count)
     ]
+
+
+def epoch_micro_batches(n: int, lengths: Sequence[int] | None, s: LoopSettings, world: World,
+                        epoch: int) -> list[list[int]]:
+    """This rank's micro-batches of an epoch of a supervised stage: the seeded shuffle, or (with
+    `lengths`, --group-by-length) the seeded order in which each global micro-batch (ranks x
+    micro-batch) holds samples of like length. Both are pure functions of seed and epoch."""
+    if lengths is None:
+        order = epoch_order(n, s.seed, epoch)
+    else:
+        order = length_grouped_order(lengths, world.world_size * s.micro_batch, s.seed, epoch)
+    return rank_batches(order, world.rank, world.world_size, s.micro_batch, s.grad_accum)
 
 
 def eval_batches(n: int, rank: int, world_size: int, batch: int) -> list[tuple[list[int], float]]:
@@ -145,15 +158,17 @@ class LoopSettings:
     save_every: int
     save_every_minutes: float
     keep_last: int
+    group_by_length: bool = False  # supervised stages: length_grouped_order instead of epoch_order
     flops_per_token: float = 0.0  # 6N; gives perf/model_tflops_per_s per device
     peak_tflops: float = 0.0  # gives perf/mfu
 
     @classmethod
-    def from_train(cls, t: TrainConfig) -> LoopSettings:
+    def from_config(cls, cfg: Config) -> LoopSettings:
+        t = cfg.train
         return cls(epochs=t.epochs, max_steps=t.max_steps, micro_batch=t.per_device_batch_size,
                    grad_accum=t.grad_accum, seed=t.seed, log_every=t.log_every, eval_every=t.eval_every,
                    save_every=t.save_every, save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
-                   peak_tflops=t.peak_tflops)
+                   peak_tflops=t.peak_tflops, group_by_length=cfg.data.group_by_length)
 
 
 def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]], run_unit: Callable[[Any], bool],
@@ -280,9 +295,10 @@ def train_loop(
     device = engine.device
     window = MetricWindow(device)
 
+    lengths = sample_lengths(train_data) if s.group_by_length else None
+
     def units(epoch: int) -> list[list[int]]:
-        return rank_batches(epoch_order(len(train_data), s.seed, epoch), world.rank, world.world_size,
-                            s.micro_batch, s.grad_accum)
+        return epoch_micro_batches(len(train_data), lengths, s, world, epoch)
 
     def run_unit(indices: list[int]) -> bool:
         batch = collate([train_data[i] for i in indices])

@@ -15,6 +15,9 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--max-seq-len", "data.max_seq_len", "Longest sequence in tokens (prompt + response)."),
     ("--max-prompt-len", "data.max_prompt_len", "Prompt budget in tokens."),
     ("--packing/--no-packing", "data.packing", "Pack several short SFT samples into one sequence."),
+    ("--group-by-length/--no-group-by-length", "data.group_by_length",
+     "Put samples of similar length in the same micro-batch (less padding; the order is still seeded by "
+     "--seed and the epoch, so a resume continues exactly)."),
     ("--max-dropped-fraction", "data.max_dropped_fraction",
      "Largest share of a source's rows that may be dropped (no format fits) before it is an error."),
     ("--eval-max-samples", "data.eval_max_samples", "Held-out rows evaluated at most (0: all)."),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from forgepipe.config import build_config
+from forgepipe.distributed import World
 from forgepipe.engine import lr_factor
 from forgepipe.loop import (
     LoopSettings,
     checkpoint_due,
+    epoch_micro_batches,
     epoch_order,
     eval_batches,
     micro_batches_per_rank,
@@ -66,3 +69,24 @@ def test_checkpoint_due_by_steps_and_by_time():
     assert checkpoint_due(10, 5, 0, 0.0) and not checkpoint_due(11, 5, 0, 1e9)
     assert checkpoint_due(11, 0, 2.0, 120.0) and not checkpoint_due(11, 0, 2.0, 119.0)
     assert not checkpoint_due(10, 0, 0, 1e9)  # both off
+
+
+def test_group_by_length_gives_like_lengths_per_global_micro_batch_deterministically():
+    cfg = build_config("sft", overrides={"data.group_by_length": True, "train.per_device_batch_size": 2,
+                                         "train.seed": 7})
+    s = LoopSettings.from_config(cfg)
+    assert s.group_by_length
+    lengths = [5, 400, 7, 390, 6, 410, 8, 380] * 8  # short and long samples interleaved
+    worlds = [World(rank=r, world_size=2, local_world_size=2) for r in range(2)]
+
+    def global_batches(lens, epoch):
+        per_rank = [epoch_micro_batches(len(lengths), lens, s, w, epoch) for w in worlds]
+        return [a + b for a, b in zip(*per_rank, strict=True)]  # ranks' slices of each global micro-batch
+
+    grouped = global_batches(lengths, 0)
+    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))  # every sample once
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 50 for b in grouped)
+    assert grouped == global_batches(lengths, 0)  # a pure function of seed and epoch: resumable
+    assert grouped != global_batches(lengths, 1)
+    shuffled = global_batches(None, 0)  # without grouping: the plain seeded shuffle mixes lengths
+    assert any(max(lengths[i] for i in b) - min(lengths[i] for i in b) > 300 for b in shuffled)

@@ -219,7 +219,7 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> DPOInputs:
     data = Prepared(train, held_out, DPOCollator(tokenizer.pad_token_id),
                     {"data.train_pairs": len(train), "data.eval_pairs": len(held_out or []),
                      "data.identical_pairs_dropped": dropped + eval_dropped, "dpo.reference": kind})
-    steps = total_steps(len(train), ctx.world.world_size, LoopSettings.from_train(cfg.train))
+    steps = total_steps(len(train), ctx.world.world_size, LoopSettings.from_config(cfg))
     return DPOInputs(model_path, ref_path, tokenizer, data, steps)
 
 
@@ -286,7 +286,7 @@ def run_dpo(cfg: Config, parent_run_id: str | None = None) -> StageResult:
         run.tracker.log_datasets(cfg.data.sources, {"train": inputs.data.train, "eval": inputs.data.eval})
         engine, reference = build_models(cfg, ctx, run, inputs, ds_configs)
         run.resume({"model": engine})
-        settings, s, data = LoopSettings.from_train(cfg.train), settings_of(cfg), inputs.data
+        settings, s, data = LoopSettings.from_config(cfg), settings_of(cfg), inputs.data
         settings.flops_per_token = train_flops_per_token(engine.module)
         evaluate = None
         if data.eval is not None and len(data.eval):

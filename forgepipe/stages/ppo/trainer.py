@@ -442,7 +442,7 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
 
     drive(state=state, total=i.steps, units=units, run_unit=run_unit, log=log,
           evaluate=policy_evaluation(cfg, run, inputs, models),
-          checkpoint=checkpoint, settings=LoopSettings.from_train(cfg.train), stop=run.stop, world=world, desc="ppo")
+          checkpoint=checkpoint, settings=LoopSettings.from_config(cfg), stop=run.stop, world=world, desc="ppo")
     return box["ema"]
 
 
