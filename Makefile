@@ -46,7 +46,7 @@ lint: install ## ruff, shellcheck on every script, hadolint on the Dockerfile
 	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint containers/Dockerfile.rocm containers/Dockerfile.cuda
 
-.PHONY: sif docker docker-run frontier-sft frontier-reward frontier-ppo frontier-pipeline slurm-up slurm-down
+.PHONY: sif docker docker-run frontier-sft frontier-reward frontier-ppo frontier-dpo frontier-pipeline slurm-up slurm-down
 sif: ## Build the Apptainer image $(SIF) (Apptainer >= 1.2, registry access; stops while a base digest is unpinned)
 	args="$$(containers/build-args.sh --recipe containers/Apptainer.def)" && apptainer build $$args $(SIF) containers/Apptainer.def
 docker: ## Build the Docker image $(DOCKER_TAG) (GPU=amd: ROCm, GPU=nvidia: CUDA)
@@ -59,6 +59,8 @@ frontier-reward: ## Submit the reward-model stage on Frontier (as frontier-sft)
 	scripts/frontier/submit.sh reward $(if $(DRY_RUN),--dry-run) $(ARGS)
 frontier-ppo: ## Submit PPO on Frontier (ACTOR or MODEL, REWARD_MODEL, ...)
 	scripts/frontier/submit.sh ppo $(if $(DRY_RUN),--dry-run) $(ARGS)
+frontier-dpo: ## Submit DPO on Frontier (MODEL, DATA with pairs, ...; ARGS="--ref ... --beta ...")
+	scripts/frontier/submit.sh dpo $(if $(DRY_RUN),--dry-run) $(ARGS)
 frontier-pipeline: ## Submit the whole pipeline on Frontier (MODEL, REWARD_MODEL, ...)
 	scripts/frontier/submit.sh pipeline $(if $(DRY_RUN),--dry-run) $(ARGS)
 slurm-up: ## Start the localhost Slurm test cluster (root)

@@ -127,6 +127,7 @@ def test_hadolint_dockerfile(dockerfile):
         ("pipeline", "OUTPUT_DIR", "missing setting OUTPUT_DIR"),
         ("ppo", "REWARD_MODEL", "missing setting REWARD_MODEL"),
         ("pipeline", "REWARD_MODEL", "missing setting REWARD_MODEL"),
+        ("dpo", "MODEL", "missing setting MODEL"),
     ],
 )
 def test_submit_names_the_missing_setting_and_submits_nothing(
@@ -215,6 +216,16 @@ def test_dry_run_prints_the_container_srun_line_and_the_resolved_config(image, t
     # The config is resolved for the job's world, not this one process.
     assert re.search(r"^\s+world_size: 16$", out.stdout, flags=re.M)
     assert re.search(r"^\s+max_steps: 3$", out.stdout, flags=re.M)
+
+
+def test_dry_run_of_the_dpo_stage_runs_forgepipe_dpo_and_resolves_its_config(image, tmp_path):
+    pytest.importorskip("forgepipe.cli")
+    bindir = tmp_path / "empty"
+    bindir.mkdir()
+    out, srun = dry_run(full_settings(image, tmp_path), bindir, "--beta", "0.2", stage="dpo")
+    assert out.returncode == 0, out.stderr
+    assert f" forgepipe dpo --model {tmp_path} " in srun and srun.endswith("--beta 0.2")
+    assert re.search(r"^\s+beta: 0.2$", out.stdout, flags=re.M)  # `config show --stage dpo`, job's world
 
 
 def test_dry_run_direct_cpu_shape_has_no_gpu_flags(tmp_path, image):
@@ -435,7 +446,7 @@ def test_submit_asks_for_the_warning_and_exports_what_a_resubmission_needs(
 
 
 def test_batch_scripts_ask_for_the_warning_when_submitted_with_plain_sbatch():
-    for name in ("sft", "reward", "ppo", "pipeline"):
+    for name in ("sft", "reward", "ppo", "dpo", "pipeline"):
         head = (ROOT / "scripts" / "frontier" / f"{name}.sbatch").read_text().split("\nset ")[0]
         assert "#SBATCH --signal=B:USR1@600" in head, name
 

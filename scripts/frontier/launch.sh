@@ -27,7 +27,7 @@ fp_missing() {  # fp_missing NAME HINT: stop, naming the missing setting
 # Stage-specific model settings, in the order they are checked.
 fp_model_settings() {
     case "$1" in
-        sft|reward) echo MODEL ;;
+        sft|reward|dpo) echo MODEL ;;
         ppo) echo ACTOR REWARD_MODEL ;;
         pipeline) echo MODEL REWARD_MODEL ;;
     esac
@@ -37,8 +37,8 @@ fp_model_settings() {
 fp_check() {
     local stage="$1" when="${2:-job}" name
     case "$stage" in
-        sft|reward|ppo|pipeline) ;;
-        *) fp_die "unknown stage '$stage' (expected sft, reward, ppo or pipeline)" ;;
+        sft|reward|ppo|dpo|pipeline) ;;
+        *) fp_die "unknown stage '$stage' (expected sft, reward, ppo, dpo or pipeline)" ;;
     esac
     case "$FORGEPIPE_LAUNCHER" in apptainer|direct) ;; *) fp_die "FORGEPIPE_LAUNCHER='$FORGEPIPE_LAUNCHER' is not apptainer or direct" ;; esac
     case "$FORGEPIPE_DEVICE" in gpu|cpu) ;; *) fp_die "FORGEPIPE_DEVICE='$FORGEPIPE_DEVICE' is not gpu or cpu" ;; esac
@@ -86,7 +86,7 @@ fp_forgepipe_args() {
     local stage="$1" item
     shift
     case "$stage" in
-        sft|reward) FP_MODEL_ARGS=(--model "$MODEL") ;;
+        sft|reward|dpo) FP_MODEL_ARGS=(--model "$MODEL") ;;
         ppo)
             FP_MODEL_ARGS=(--actor "${ACTOR:-$MODEL}" --reward "$REWARD_MODEL")
             [[ -n "${CRITIC:-}" ]] && FP_MODEL_ARGS+=(--critic "$CRITIC") ;;

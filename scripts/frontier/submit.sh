@@ -57,7 +57,7 @@ fi
 # The config forgepipe will resolve, for the job's world (rank 0 of NODES x GPUS_PER_NODE ranks).
 # `config show` takes one stage: the pipeline shows its first (sft); PPO's actor is its --model.
 case "$stage" in
-    sft|reward) show=(--stage "$stage" "${FP_MODEL_ARGS[@]}") ;;
+    sft|reward|dpo) show=(--stage "$stage" "${FP_MODEL_ARGS[@]}") ;;
     ppo)
         show=(--stage ppo --model "${ACTOR:-$MODEL}" "ppo.reward_model=$REWARD_MODEL")
         [[ -n "${CRITIC:-}" ]] && show+=(--critic "$CRITIC") ;;

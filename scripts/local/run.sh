@@ -40,7 +40,7 @@ done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 stage="$1"
 shift
-case "$stage" in sft | reward | ppo | pipeline) ;; *) echo "run.sh: unknown stage '$stage' (sft, reward, ppo or pipeline)" >&2; exit 2 ;; esac
+case "$stage" in sft | reward | ppo | dpo | pipeline) ;; *) echo "run.sh: unknown stage '$stage' (sft, reward, ppo, dpo or pipeline)" >&2; exit 2 ;; esac
 case "$gpu" in
     amd) : "${image:=forgepipe:rocm}" ;;
     nvidia) : "${image:=forgepipe:cuda}" ;;
