@@ -248,7 +248,8 @@ def test_runs_commands_on_a_store_of_real_runs(real_store):
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert len(listed.stdout.strip().splitlines()) == 1 + 2 + 1 + 3  # header, two SFT, a parent, its stages
     children = run_forgepipe(["runs", "list", "--parent", ids["pipeline"][:8], "--tracking-uri", uri]).stdout
-    assert [line.split()[2] for line in children.strip().splitlines()[1:]] == ["sft", "reward", "ppo"]
+    stage_column = re.compile(r"\s(sft|reward|ppo)\s+FINISHED\s")  # run names have spaces: find the column
+    assert [stage_column.search(line).group(1) for line in children.strip().splitlines()[1:]] == ["sft", "reward", "ppo"]
 
     plot = root / "compare.png"
     compared = run_forgepipe(["runs", "compare", ids[0][:8], ids[2][:8], "--plot", str(plot), "--tracking-uri", uri])

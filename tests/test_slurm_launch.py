@@ -81,13 +81,14 @@ def test_sft_batch_script_runs_two_ranks_under_srun(slurm, tmp_path):
         timeout=600,
         cwd=tmp_path,
     )
-    logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in tmp_path.glob("forgepipe-sft-*.out"))
+    full_logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("forgepipe-sft-*.out"))
+    logs = full_logs[-8000:]  # for the failure messages
     assert out.returncode == 0, out.stdout + out.stderr + logs
     job_id = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
     job = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     if job:  # Slurm forgets finished jobs after MinJobAge; sbatch --wait already gave the status
         assert "JobState=COMPLETED" in job and "ExitCode=0:0" in job, job
-    assert "srun -N 1 -n 2 --ntasks-per-node=2 -c1" in logs
+    assert "srun -N 1 -n 2 --ntasks-per-node=2 -c1" in full_logs
 
     import mlflow
 
