@@ -48,6 +48,7 @@ class Resumed:
     run_id: str | None
     step: int
     honoured: dict[str, tuple]
+    old_config: dict[str, Any]  # the checkpoint's flattened config
 
     @property
     def old_world(self) -> int | None:
@@ -67,7 +68,7 @@ def check_resume(cfg: Config, world: dist.World, models: dict[str, str], checkpo
             raise ForgeError(f"{checkpoint} was written with {key}={before.get(key)!r}, this run has {value!r}; "
                              f"use a new {label('output_dir')} or {label('overwrite')}", key="train.resume")
     honoured = resume_changes(before, cfg.flat(), world.world_size, str(checkpoint)) if before.get("config") else {}
-    return Resumed(checkpoint, previous.get("run_id"), previous.get("step", 0), honoured)
+    return Resumed(checkpoint, previous.get("run_id"), previous.get("step", 0), honoured, before.get("config") or {})
 
 
 class RunRecord:
@@ -147,8 +148,7 @@ class RunRecord:
 
     def _rescale_position(self, loaded: LoopState, old_world: int) -> None:
         """The data position in micro-batches of this run's shape: the same samples consumed."""
-        before = read_loop_state(self.resume_from)["fingerprint"]["config"]
-        consumed = loaded.position * old_world * before["train.per_device_batch_size"]
+        consumed = loaded.position * old_world * self.resumed.old_config["train.per_device_batch_size"]
         loaded.position = consumed // (self.world.world_size * self.cfg.train.per_device_batch_size)
         log.warning("resume: %d ranks -> %d through DeepSpeed's universal checkpoint; %d samples of epoch %d "
                     "consumed", old_world, self.world.world_size, consumed, loaded.epoch)
