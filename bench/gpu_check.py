@@ -240,14 +240,25 @@ class Checker:
         schedule = work / "constant-lr.yaml"  # resume is compared across runs of different length
         schedule.write_text("train:\n  min_lr_ratio: 1.0\n  warmup_ratio: 0.0\n")
         self.schedule = schedule
+        self.started = STARTED
+        self.fused_adam = True  # cleared when DeepSpeed's op does not build here (the table says so)
 
-    def forgepipe(self, name: str, stage: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    def remaining(self) -> float:
+        """Seconds left before --deadline (inf without one): a lent GPU's time is short and fixed."""
+        if not self.args.deadline:
+            return math.inf
+        return self.args.deadline - (time.monotonic() - self.started)
+
+    def forgepipe(self, name: str, stage: str, args: list[str]) -> subprocess.CompletedProcess:
         p = self.plan
+        timeout = min(self.args.timeout, self.remaining() - 15)
+        if timeout <= 0:
+            raise TimeoutError("no time left before --deadline")
         common = ["--config", str(self.schedule), "--dtype", "bf16", "--tracking-uri", f"sqlite:///{self.db}",
                   "--experiment", "gpu-check", "--run-name", name, "--per-device-batch-size", str(p["batch"]),
                   "--max-seq-len", str(p["seq"]), "--max-prompt-len", str(p["prompt"]), "--log-every", "1",
                   "--lr", str(p["lr"]), "--epochs", "100", "--peak-tflops", f"{self.peak:.3f}"]
-        if not self.gpu:
+        if not self.gpu or not self.fused_adam:
             common.append("--torch-adam")  # the CPU has no fused Adam; on GPUs DeepSpeed's op is the default
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                      str(self.ranks), "-m", "forgepipe.cli"] if self.ranks > 1 else [sys.executable, "-m", "forgepipe.cli"])
@@ -306,7 +317,7 @@ class Checker:
             args = ["--model", str(model), "--data", str(data), "--data-split", split, "--output-dir", str(out),
                     "--zero-stage", str(zero), "--max-steps", str(p["steps"]), "--eval-fraction", "0.1",
                     "--resume", "never", *extra]
-            proc = self.forgepipe(name, stage, args, self.args.timeout)
+            proc = self.forgepipe(name, stage, args)
             if proc.returncode:
                 raise RuntimeError(f"forgepipe {stage} exited {proc.returncode} (see {self.log / name}.log)")
             m = self.metrics(name)
@@ -330,11 +341,11 @@ class Checker:
         half[half.index("--output-dir") + 1] = out
         steps = half.index("--max-steps") + 1
         half[steps] = str(self.plan["steps"] // 2)
-        first = self.forgepipe(name, stage, half, self.args.timeout)
+        first = self.forgepipe(name, stage, half)
         extended = [*half]
         extended[steps] = str(self.plan["steps"])
         extended[extended.index("--resume") + 1] = "auto"
-        second = self.forgepipe(name, stage, extended, self.args.timeout)
+        second = self.forgepipe(name, stage, extended)
         if first.returncode or second.returncode:
             raise RuntimeError(f"resume runs exited {first.returncode}, {second.returncode} (see {self.log / name}.log)")
         key = "sft/eval_loss" if stage == "sft" else "reward/eval_accuracy"
@@ -354,7 +365,7 @@ class Checker:
                     "--data-split", "0,0,1", "--output-dir", str(self.work / name), "--zero-stage", str(zero),
                     "--max-steps", "3", "--max-new-tokens", str(p["new_tokens"]), "--resume", "never",
                     "--generation-batch-size", str(p["batch"]), "--critic-lr", str(p["lr"])]
-            proc = self.forgepipe(name, "ppo", args, self.args.timeout)
+            proc = self.forgepipe(name, "ppo", args)
             if proc.returncode:
                 raise RuntimeError(f"forgepipe ppo exited {proc.returncode} (see {self.log / name}.log)")
             m = self.metrics(name)
@@ -421,6 +432,30 @@ def table(rows: list[Row], info: dict, peak: float, command: str) -> str:
     return "\n".join(lines)
 
 
+STARTED = time.monotonic()  # --deadline counts from here: the wheels and the models take device time too
+
+PREBUILD = ("import deepspeed, torch; from deepspeed.ops.op_builder import FusedAdamBuilder; "
+            "FusedAdamBuilder().load(); print('fused_adam built for', torch.cuda.get_device_name(0))")
+
+
+def start_op_build(gpu: bool) -> subprocess.Popen | None:
+    """JIT-build DeepSpeed's fused Adam while the models are made (a minute of nvcc the runs then share
+    through the extension cache); if it fails, the runs fall back to --torch-adam and the table says why."""
+    if not gpu:
+        return None
+    return subprocess.Popen([sys.executable, "-c", PREBUILD], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=os.environ.copy())
+
+
+def finish_op_build(proc: subprocess.Popen | None) -> str:
+    """'' when the op built (or none was needed), else the last lines of the build's output."""
+    if proc is None:
+        return ""
+    out, _ = proc.communicate()
+    print(f"gpu-check: fused Adam build exited {proc.returncode}", flush=True)
+    return "" if proc.returncode == 0 else " / ".join(out.strip().splitlines()[-3:])[:400]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(PLANS), default=None, help="full on GPUs, tiny on the CPU (default)")
@@ -429,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", type=Path, action="append", default=None, help="dir of wheels to install from")
     parser.add_argument("--only", default="", help="comma-separated stages to run (sft,reward,ppo)")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per forgepipe run")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="seconds for the whole check: rows that cannot start in time are skipped, the "
+                             "table is written after every row (for a machine lent for a fixed time)")
     args = parser.parse_args(argv)
 
     ensure_packages(args.wheels or [REPO / ".whl", REPO / "bench" / "wheels"], Path(tempfile.gettempdir()) /
@@ -446,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = measure_peak_tflops(device)
     print(f"gpu-check: {info['device']} x{max(1, info['gpus'])}, bf16 peak {fmt(peak)} TFLOP/s, size {args.size}",
           flush=True)
+    build = start_op_build(gpu)
     work = args.work or Path(tempfile.mkdtemp(prefix="forgepipe-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     plan = PLANS[args.size]
@@ -455,32 +494,52 @@ def main(argv: list[str] | None = None) -> int:
                                                                              plan["ppo_model"])
     reward_export = make_reward_export(ppo_model, work / "models" / f"{plan['ppo_model']}-reward")
     make_data(work / "pairs.jsonl", rows=400, words=plan["words"])
+    build_error = finish_op_build(build)
+    if build_error:
+        check.fused_adam = False
+        print(f"gpu-check: DeepSpeed's fused Adam did not build, the runs use --torch-adam: {build_error}", flush=True)
 
     only = set(filter(None, args.only.split(","))) or {"sft", "reward", "ppo"}
-    plan_rows = []
+    # ZeRO-3 of every stage first (the path Frontier runs), then ZeRO-2, then ZeRO++: with --deadline
+    # the rows that matter most are the ones that get the time.
+    first, then, last = [], [], []
     if "sft" in only:
-        plan_rows += [check.supervised("sft", model, 2, [], "zero2"),
-                      check.supervised("sft", model, 3, [], "zero3", resume=True)]
+        first.append(check.supervised("sft", model, 3, [], "zero3", resume=True))
+        then.append(check.supervised("sft", model, 2, [], "zero2"))
         if gpu and check.ranks > 1:
-            plan_rows.append(check.supervised("sft", model, 3, ["--hpz-size", str(check.ranks)], "zero3-hpZ"))
-            plan_rows.append(check.supervised("sft", model, 3, ["--zeropp"], "zero3-ZeRO++"))
+            last.append(check.supervised("sft", model, 3, ["--hpz-size", str(check.ranks)], "zero3-hpZ"))
+            last.append(check.supervised("sft", model, 3, ["--zeropp"], "zero3-ZeRO++"))
         elif gpu:
-            plan_rows.append(check.supervised("sft", model, 3, ["--quantized-weights"], "zero3-qwZ"))
+            last.append(check.supervised("sft", model, 3, ["--quantized-weights"], "zero3-qwZ"))
     if "reward" in only:
-        plan_rows += [check.supervised("reward", model, 2, [], "zero2"),
-                      check.supervised("reward", model, 3, [], "zero3")]
+        first.append(check.supervised("reward", model, 3, [], "zero3"))
+        then.append(check.supervised("reward", model, 2, [], "zero2"))
     if "ppo" in only:
-        plan_rows += [check.ppo(ppo_model, reward_export, 3), check.ppo(ppo_model, reward_export, 2)]
-    rows = [check.run_row(row, body) for row, body in plan_rows]
-
+        first.append(check.ppo(ppo_model, reward_export, 3))
+        then.append(check.ppo(ppo_model, reward_export, 2))
+    plan_rows = first + then + last
     command = "python3 bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = table(rows, info, peak, command.strip())
-    print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.md").write_text(text + "\n")
-    (args.out / "gpu_check.json").write_text(json.dumps(
-        {"info": info, "peak_tflops": peak, "size": args.size, "rows": [asdict(r) | {"ok": r.ok} for r in rows]},
-        indent=2) + "\n")
+
+    def write(rows: list[Row]) -> str:
+        text = table(rows, info, peak, command.strip())
+        if build_error:
+            text += f"\nDeepSpeed's fused Adam did not build here (the runs used --torch-adam): {build_error}\n"
+        (args.out / "gpu_check.md").write_text(text + "\n")
+        (args.out / "gpu_check.json").write_text(json.dumps(
+            {"info": info, "peak_tflops": peak, "size": args.size, "rows": [asdict(r) | {"ok": r.ok} for r in rows]},
+            indent=2) + "\n")
+        return text
+
+    rows: list[Row] = []
+    for row, body in plan_rows:
+        if check.remaining() < 60:
+            row.error = "skipped: --deadline reached"
+            rows.append(row)
+        else:
+            rows.append(check.run_row(row, body))
+        write(rows)
+    print("\n" + write(rows))
     print(f"gpu-check: table in {args.out / 'gpu_check.md'}; logs in {work / 'logs'}")
     return 0 if rows and all(r.ok for r in rows) else 1
 
