@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -299,6 +300,10 @@ class Checker:
             fn(row)
         except Exception as exc:  # a failed row is reported in the table, the others still run
             row.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:  # a FORGE-s checkpoint with its optimizer state is ~18 GB: keep only models, logs, store
+            for path in self.work.iterdir():
+                if path.is_dir() and path.name not in ("models", "logs", "mlruns"):
+                    shutil.rmtree(path, ignore_errors=True)
         row.seconds = time.monotonic() - start
         print(f"gpu-check: {row.stage} {row.zero}: {'ok' if row.ok else 'FAIL'} ({row.seconds:.0f} s) "
               f"{row.checks} {row.error}", flush=True)
@@ -443,8 +448,13 @@ def start_op_build(gpu: bool) -> subprocess.Popen | None:
     through the extension cache); if it fails, the runs fall back to --torch-adam and the table says why."""
     if not gpu:
         return None
+    from forgepipe.distributed import op_build_arch_list
+
+    env = os.environ.copy()
+    if env.get("TORCH_CUDA_ARCH_LIST"):  # as forgepipe's ranks will set it, so that they share the build
+        env["TORCH_CUDA_ARCH_LIST"] = op_build_arch_list(env["TORCH_CUDA_ARCH_LIST"])
     return subprocess.Popen([sys.executable, "-c", PREBUILD], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=os.environ.copy())
+                            text=True, env=env)
 
 
 def finish_op_build(proc: subprocess.Popen | None) -> str:

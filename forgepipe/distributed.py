@@ -132,6 +132,18 @@ def device_for(world: World) -> torch.device:
 DEFAULT_TIMEOUT_MINUTES = 30.0
 
 
+def op_build_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT op builder can read it.
+
+    DeepSpeed 0.19.8 sorts the entries as dotted integers, so an arch-specific entry such as Hopper's
+    "9.0a" (set by CUDA images) makes the first fused-Adam build fail with "invalid literal for int()"
+    (seen on an H200). Its ops need no arch-specific instructions: "9.0a" -> "9.0"; "+PTX" is kept.
+    """
+    entries = [e for e in re.split(r"[;\s]+", value.strip()) if e]
+    fixed = [re.sub(r"^(\d+)\.(\d+)[a-z]+", r"\1.\2", e) for e in entries]
+    return ";".join(dict.fromkeys(fixed))
+
+
 def init_distributed(world: World | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> World:
     """Initialise torch.distributed (NCCL/RCCL on GPUs, gloo on CPU) and return the World.
 
@@ -162,6 +174,8 @@ def init_distributed(world: World | None = None, timeout_minutes: float = DEFAUL
     device = device_for(world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # for this process's op builds only
+            os.environ["TORCH_CUDA_ARCH_LIST"] = op_build_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     import deepspeed
 
     deepspeed.init_distributed(

@@ -149,3 +149,22 @@ def test_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(case, tiny_mod
         assert verify_checkpoint(root / kept) is None
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_torch_writer_errors_on_a_nearly_full_disk_count_as_full(tmp_path):
+    """Seen on an H200: a 4 GiB optimizer shard failed with 'unexpected pos' and some space still free."""
+    from forgepipe.checkpoint import _disk_full
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / "filler").write_bytes(b"\0" * (4 << 20))  # 4 MiB left: more than 1 MiB, less than a shard
+        writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4027874560 vs 4027874448")
+        writer.__context__ = RuntimeError("basic_ios::clear: iostream error")
+        assert _disk_full(writer, disk / "checkpoints" / "step-1")
+        assert not _disk_full(RuntimeError("CUDA error: an illegal memory access"), disk / "checkpoints")
+        assert not _disk_full(writer, tmp_path / "checkpoints")  # plenty of space: some other fault
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -54,3 +54,16 @@ def test_plain_process():
 ])
 def test_first_host_of_a_nodelist(nodelist, first):
     assert expand_first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("9.0a", "9.0"),                      # Hopper's arch-specific target, as CUDA images set it
+    ("8.0 9.0a 10.0a+PTX", "8.0;9.0;10.0+PTX"),
+    ("9.0;9.0a", "9.0"),                  # no entry twice
+    ("7.5;8.6+PTX", "7.5;8.6+PTX"),       # already readable: unchanged
+])
+def test_the_arch_list_is_made_readable_for_deepspeeds_op_builder(value, expected):
+    from forgepipe.distributed import op_build_arch_list
+
+    assert op_build_arch_list(value) == expected
+    assert all(int(part.split("+")[0]) >= 0 for cc in expected.split(";") for part in cc.split("."))  # its parse
