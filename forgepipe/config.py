@@ -93,6 +93,8 @@ class DataConfig:
     max_prompt_len: int = bounded(256, ge=1)  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
     packing: bool = False  # pack several short SFT samples into one sequence
     group_by_length: bool = False  # micro-batches of like-length samples (less padding; seeded, resumable)
+    chat_template: str = "auto"  # auto (the tokenizer's, else HH text) | none (HH text) | a Jinja file
+    train_on_all_turns: bool = False  # SFT loss on every assistant turn of a conversation, not only the last
     cache_dir: str | None = None  # tokenized cache; default: <output_dir>/.cache
     unsupervised_sources: list[str] = field(default_factory=list)  # {text} documents for PPO-ptx
     max_dropped_fraction: float = bounded(0.1, ge=0, le=1)  # a source losing more of its rows (no format fits) is an error
@@ -418,6 +420,9 @@ def validate(cfg: Config) -> None:
     if parse_split(cfg.data.split)[STAGES.index(data_share(cfg.stage))] == 0:
         raise ForgeError(f"{cfg.data.split!r} leaves stage {cfg.stage} no data", key="data.split")
     check_bounds(cfg)
+    from forgepipe.data.chat_template import check_setting  # plain Python: no data libraries
+
+    check_setting(cfg.data.chat_template)
     if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_dir():
         raise ForgeError(f"{cfg.train.resume!r} is neither auto, never, nor a checkpoint directory", key="train.resume")
     if cfg.stage == "ppo":

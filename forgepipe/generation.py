@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from forgepipe.data.chat_template import stop_token_id
 from forgepipe.data.formats import ASSISTANT
 from forgepipe.errors import ForgeError
 
@@ -64,7 +65,7 @@ def response_ids(sequences: torch.Tensor, prompt_len: int, eos_token_id: int) ->
 def decode_responses(tokenizer, sequences: torch.Tensor, prompt_len: int) -> list[str]:
     """The responses' text (special tokens dropped, padding after EOS never shown)."""
     return [tokenizer.decode(ids, skip_special_tokens=True)
-            for ids in response_ids(sequences, prompt_len, tokenizer.eos_token_id)]
+            for ids in response_ids(sequences, prompt_len, stop_token_id(tokenizer))]
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, max_prompt_len: int,
@@ -90,7 +91,7 @@ def generate_for_ids(model, tokenizer, rows: list[dict[str, list[int]]], *, max_
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start:start + batch_size])
         sequences = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                              gather=gather, synced_gpus=synced_gpus)
         out.extend(decode_responses(tokenizer, sequences, batch["input_ids"].shape[1]))

@@ -18,6 +18,11 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--group-by-length/--no-group-by-length", "data.group_by_length",
      "Put samples of similar length in the same micro-batch (less padding; the order is still seeded by "
      "--seed and the epoch, so a resume continues exactly)."),
+    ("--chat-template", "data.chat_template",
+     "auto: the tokenizer's chat template when it has one, else forgepipe's '\\n\\nHuman: ...\\n\\nAssistant:' "
+     "text; none: that text always; or a Jinja template file (saved with the export)."),
+    ("--train-on-all-turns/--no-train-on-all-turns", "data.train_on_all_turns",
+     "With a chat template: loss on every assistant turn of a conversation, not only the last."),
     ("--max-dropped-fraction", "data.max_dropped_fraction",
      "Largest share of a source's rows that may be dropped (no format fits) before it is an error."),
     ("--eval-max-samples", "data.eval_max_samples", "Held-out rows evaluated at most (0: all)."),

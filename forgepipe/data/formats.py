@@ -7,6 +7,14 @@ Every normalised row has `prompt: str`, `chosen: str`, `rejected: str | None` an
                                     the last "\\n\\nAssistant:", responses = what follows it
     {prompt, response}           -> kind "response" (chosen = response, rejected = None)
     {text}                       -> kind "text" (prompt = "", chosen = text): loss on all of it
+    {messages}                   -> kind "response": the last message is the assistant's response
+
+Chat-format records (TRL's conversational formats) have message lists where the text formats have
+strings: {prompt: [messages], chosen, rejected} with chosen/rejected a one-message list or the
+assistant's text, and {chosen: [messages], rejected: [messages]} sharing all but the last message
+(the implicit prompt, like HH). Their rows carry the prompt conversation as JSON in `messages`
+(empty for text rows) and its HH text form in `prompt`, so they also serve a model without a chat
+template; responses follow HH's convention of a leading space (chat_template.py).
 
 Rows that cannot be normalised (an HH dialogue with no "\\n\\nAssistant:", sides that do not
 share the prompt, a missing value, a record of another format in a mixed file) are dropped,
@@ -16,11 +24,13 @@ above `--max-dropped-fraction` (data/__init__.py).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from forgepipe.data.chat_template import check_messages, hh_response, hh_text, plain_messages
 from forgepipe.errors import ForgeError
 
 if TYPE_CHECKING:  # datasets is imported where it is used: the pre-launch checks read rows without it
@@ -35,11 +45,13 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "pair": ("prompt", "chosen", "rejected"),
     "hh": ("chosen", "rejected"),
     "response": ("prompt", "response"),
+    "messages": ("messages",),
     "text": ("text",),
 }
-ACCEPTED = "{prompt, chosen, rejected}, HH {chosen, rejected}, {prompt, response}, {text}"
+ACCEPTED = "{prompt, chosen, rejected}, HH {chosen, rejected}, {prompt, response}, {messages}, {text}"
 
-NORMALISED_COLUMNS = ("prompt", "chosen", "rejected", "kind")
+NORMALISED_COLUMNS = ("prompt", "chosen", "rejected", "kind", "messages")
+Row = tuple[str, str, "str | None", str, str]  # prompt, chosen, rejected, kind, messages (JSON or "")
 
 
 def detect_format(columns: Sequence[str], source: str) -> str:
@@ -77,8 +89,64 @@ def row_format(row: dict) -> str | None:
     return None
 
 
-def normalise_row(row: dict, fmt: str) -> tuple[tuple[str, str, str | None, str] | None, str]:
-    """((prompt, chosen, rejected, kind), "") for a row that fits `fmt`, else (None, why it was dropped)."""
+def _chat_response(value, what: str) -> tuple[str | None, str]:
+    """(content, "") of a chosen/rejected side given as text or as one assistant message."""
+    if isinstance(value, str):
+        return value, ""
+    why = check_messages(value, what)
+    if why:
+        return None, why
+    if len(value) != 1 or value[0]["role"] != "assistant":
+        return None, f"{what} is not one assistant message"
+    return value[0]["content"], ""
+
+
+def _chat_row(prompt: list[dict], chosen: str, rejected: str | None, kind: str) -> Row:
+    """A chat record's normalised row: HH text prompt, HH-style responses, the conversation as JSON."""
+    messages = plain_messages(prompt)
+    return (hh_text(messages), hh_response(chosen), None if rejected is None else hh_response(rejected), kind,
+            json.dumps(messages, ensure_ascii=False))
+
+
+def normalise_chat_row(row: dict, fmt: str) -> tuple[Row | None, str] | None:
+    """The normalised row of a chat-format record (message lists where text formats have strings),
+    (None, why) if it is a broken one, None if it is not a chat record at all."""
+    if fmt == "messages":
+        messages = row.get("messages")
+        why = check_messages(messages, "'messages'")
+        if why:
+            return None, why
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            return None, "'messages' does not end with an assistant message after a prompt"
+        return _chat_row(messages[:-1], messages[-1]["content"], None, "response"), ""
+    if fmt == "pair" and isinstance(row.get("prompt"), list):
+        why = check_messages(row["prompt"], "'prompt'")
+        if why:
+            return None, why
+        (chosen, why_c), (rejected, why_r) = (_chat_response(row.get("chosen"), "'chosen'"),
+                                              _chat_response(row.get("rejected"), "'rejected'"))
+        if why_c or why_r:
+            return None, why_c or why_r
+        return _chat_row(row["prompt"], chosen, rejected, "pair"), ""
+    if fmt == "hh" and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        chosen, rejected = row["chosen"], row["rejected"]
+        why = check_messages(chosen, "'chosen'") or check_messages(rejected, "'rejected'")
+        if why:
+            return None, why
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            return None, "a conversation does not end with an assistant message"
+        if plain_messages(chosen[:-1]) != plain_messages(rejected[:-1]) or len(chosen) < 2:
+            return None, "chosen and rejected conversations do not share the prompt"
+        return _chat_row(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], "pair"), ""
+    return None
+
+
+def normalise_row(row: dict, fmt: str) -> tuple[Row | None, str]:
+    """((prompt, chosen, rejected, kind, messages), "") for a row that fits `fmt`, else (None, why it
+    was dropped)."""
+    chat = normalise_chat_row(row, fmt)
+    if chat is not None:
+        return chat
     if fmt == "hh":
         chosen, rejected = row.get("chosen"), row.get("rejected")
         if isinstance(chosen, str) and isinstance(rejected, str):
@@ -87,12 +155,14 @@ def normalise_row(row: dict, fmt: str) -> tuple[tuple[str, str, str | None, str]
             split = split_hh(chosen, rejected)
             if split is None:
                 return None, "HH chosen and rejected do not share the prompt"
-            return (*split, "pair"), ""
+            return (*split, "pair", ""), ""
         fields = ("chosen", "rejected")
     elif fmt == "pair":
         fields = ("prompt", "chosen", "rejected")
     elif fmt == "response":
         fields = ("prompt", "response")
+    elif fmt == "messages":
+        fields = ("messages",)
     else:
         fields = ("text",)
     values = [row.get(f) for f in fields]
@@ -106,23 +176,23 @@ def normalise_row(row: dict, fmt: str) -> tuple[tuple[str, str, str | None, str]
             return None, f"no value for {', '.join(repr(f) for f in missing)}"
         return None, f"{bad[0]!r} is not text"
     if fmt == "pair":
-        return (values[0], values[1], values[2], "pair"), ""
+        return (values[0], values[1], values[2], "pair", ""), ""
     if fmt == "response":
-        return (values[0], values[1], None, "response"), ""
-    return ("", values[0], None, "text"), ""
+        return (values[0], values[1], None, "response", ""), ""
+    return ("", values[0], None, "text", ""), ""
 
 
 FORMAT_NAMES = {"pair": "{prompt, chosen, rejected}", "hh": "HH {chosen, rejected}",
-                "response": "{prompt, response}", "text": "{text}"}
+                "response": "{prompt, response}", "messages": "{messages}", "text": "{text}"}
 
 
 def _normalise_batch(batch: dict[str, list], indices: list[int], fmt: str, keep: Sequence[str]) -> dict[str, list]:
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "kind": [], "_drop": [], "_row": []}
+    out: dict[str, list] = {**{c: [] for c in NORMALISED_COLUMNS}, "_drop": [], "_row": []}
     out.update({k: [] for k in keep})
     columns = list(batch)
     for i, index in enumerate(indices):
         row, why = normalise_row({c: batch[c][i] for c in columns}, fmt)
-        for key, value in zip(("prompt", "chosen", "rejected", "kind"), row or ("", "", None, ""), strict=True):
+        for key, value in zip(NORMALISED_COLUMNS, row or ("", "", None, "", ""), strict=True):
             out[key].append(value)
         out["_drop"].append(why)
         out["_row"].append(index)

@@ -1,7 +1,10 @@
 """Batched tokenization of normalised rows, cached on disk under a content key.
 
-The template is a raw concatenation: prompt + response + EOS (HH prompts already end with
-"\\n\\nAssistant:"). Prompt and response are tokenized separately so the loss boundary is exact.
+Without a chat template the text is a raw concatenation: prompt + response + EOS (HH prompts
+already end with "\\n\\nAssistant:"). With one (`chat`, a ChatRender: chat_template.py) the
+tokenizer's template renders the conversation, the loss follows its assistant turns and the
+template's end-of-turn token takes EOS's place. Prompt and response are tokenized separately so
+the loss boundary is exact.
 
 The cache file is `<cache_dir>/<key>.arrow`, key = sha256 of the data fingerprint, the tokenizer
 (class, vocabulary, special tokens), TEMPLATE_VERSION, the function and its max lengths; change
@@ -18,12 +21,15 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 
 from forgepipe.distributed import is_main_process, main_process_first
 from forgepipe.errors import ForgeError
+
+if TYPE_CHECKING:
+    from forgepipe.data.chat_template import ChatRender
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +118,18 @@ def left_truncate(ids: list[int], budget: int) -> list[int]:
 
 
 def sft_example(
-    prompt_ids: list[int], response_ids: list[int], eos_id: int, max_seq_len: int, max_prompt_len: int
+    prompt_ids: list[int], response_ids: list[int], eos_id: int | None, max_seq_len: int, max_prompt_len: int,
+    prompt_labels: list[int] | None = None,
 ) -> tuple[list[int], list[int]] | None:
-    """(input_ids, labels) with labels -100 on the prompt; None when no response token survives."""
+    """(input_ids, labels) with labels -100 on the prompt (or `prompt_labels`: earlier assistant turns
+    trained too); None when no response token survives. `eos_id` None: the response already ends
+    with its end-of-turn token."""
     prompt = left_truncate(prompt_ids, max_prompt_len)
-    ids = (prompt + response_ids + [eos_id])[:max_seq_len]
+    before = left_truncate(prompt_labels, max_prompt_len) if prompt_labels is not None else [IGNORE_INDEX] * len(prompt)
+    ids = (prompt + response_ids + ([] if eos_id is None else [eos_id]))[:max_seq_len]
     if len(ids) <= len(prompt):
         return None
-    labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
+    labels = before + ids[len(prompt) :]
     return ids, labels
 
 
@@ -139,6 +149,11 @@ def chunk(ids: list[int], size: int, min_len: int = 2) -> list[list[int]]:
     return [p for p in pieces if len(p) >= min_len]
 
 
+def _chat_key(chat: ChatRender | None) -> dict[str, str]:
+    """The cache-key entry of a chat template (none: the keys of caches made before templates)."""
+    return {"chat_template": chat.fingerprint()} if chat is not None else {}
+
+
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
@@ -153,26 +168,64 @@ def _eos(tokenizer) -> int:
 # Batched map functions
 
 
-def _sft_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len):
+def _chat_rows(batch, chat, sides: tuple[str, ...]) -> Iterator[tuple[int, list[dict] | None, list]]:
+    """(row index, conversation, [ChatRender.sft_ids of each side]) per row; a row the template
+    cannot mask (it rewrites earlier turns) is skipped (counted by the caller as dropped)."""
+    for i, prompt in enumerate(batch["prompt"]):
+        if batch["kind"][i] == "text":  # documents have no turns: loss on all of it, as without a template
+            yield i, None, []
+            continue
+        messages = chat.conversation(prompt, batch["messages"][i] if "messages" in batch else "")
+        try:
+            yield i, messages, [chat.sft_ids(messages, batch[side][i]) for side in sides]
+        except ValueError as exc:
+            log.warning("row skipped: %s", exc)
+
+
+def _sft_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, chat=None):
     out = {"input_ids": [], "labels": []}
-    for p, r in zip(_ids(tokenizer, batch["prompt"]), _ids(tokenizer, batch["chosen"]), strict=True):
-        example = sft_example(p, r, eos_id, max_seq_len, max_prompt_len)
+
+    def add(example):
         if example is not None:
             out["input_ids"].append(example[0])
             out["labels"].append(example[1])
+
+    if chat is None:
+        for p, r in zip(_ids(tokenizer, batch["prompt"]), _ids(tokenizer, batch["chosen"]), strict=True):
+            add(sft_example(p, r, eos_id, max_seq_len, max_prompt_len))
+        return out
+    for i, messages, sides in _chat_rows(batch, chat, ("chosen",)):
+        if messages is None:
+            p, r = _ids(tokenizer, [batch["prompt"][i], batch["chosen"][i]])
+            add(sft_example(p, r, eos_id, max_seq_len, max_prompt_len))
+            continue
+        prefix, prefix_labels, final = sides[0]
+        add(sft_example(prefix, final, None, max_seq_len, max_prompt_len, prefix_labels))
     return out
 
 
-def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_field, with_prompt_len=False):
+def _pair_ids(batch, tokenizer, chat):
+    """(row index, prompt ids, chosen response ids, rejected response ids) per row."""
+    if chat is None:
+        prompts, chosen, rejected = (_ids(tokenizer, batch[k]) for k in ("prompt", "chosen", "rejected"))
+        yield from zip(range(len(prompts)), prompts, chosen, rejected, strict=True)
+        return
+    for i, messages, sides in _chat_rows(batch, chat, ("chosen", "rejected")):
+        if messages is not None:  # both responses end with the end-of-turn token: pair_side puts it back last
+            (prefix, _, c), (_, _, r) = sides
+            yield i, prefix, c[:-1], r[:-1]
+
+
+def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_field, with_prompt_len=False,
+                 chat=None):
     out = {"chosen_input_ids": [], "rejected_input_ids": []}
     if margin_field:
         out["margin"] = []
     if with_prompt_len:
         out["prompt_len"] = []
-    prompts = _ids(tokenizer, batch["prompt"])
-    chosen = _ids(tokenizer, batch["chosen"])
-    rejected = _ids(tokenizer, batch["rejected"])
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True)):
+    if chat is not None:
+        eos_id = chat.end_id  # the reward is read at the template's end-of-turn token
+    for i, p, c, r in _pair_ids(batch, tokenizer, chat):
         c_ids = pair_side(p, c, eos_id, max_seq_len, max_prompt_len)
         r_ids = pair_side(p, r, eos_id, max_seq_len, max_prompt_len)
         if c_ids == r_ids:  # truncation left nothing that tells them apart
@@ -186,8 +239,12 @@ def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_f
     return out
 
 
-def _prompts_batch(batch, tokenizer, max_prompt_len):
-    ids = _ids(tokenizer, batch["prompt"])
+def _prompts_batch(batch, tokenizer, max_prompt_len, chat=None):
+    if chat is None:
+        ids = _ids(tokenizer, batch["prompt"])
+    else:  # the conversation and the assistant header: generation continues as the assistant
+        messages = batch["messages"] if "messages" in batch else [""] * len(batch["prompt"])
+        ids = [chat.prompt_ids(chat.conversation(p, m)) for p, m in zip(batch["prompt"], messages, strict=True)]
     return {"prompt_input_ids": [p for p in ids if 0 < len(p) <= max_prompt_len]}
 
 
@@ -212,10 +269,14 @@ def tokenize_sft(
     max_prompt_len: int,
     cache_dir: str | Path | None,
     source: str = "the data",
+    chat: ChatRender | None = None,
 ) -> datasets.Dataset:
-    """Normalised rows -> {input_ids, labels}; loss on response + EOS (on everything for "text")."""
-    key = cache_key(ds, tokenizer, fn="sft", max_seq_len=max_seq_len, max_prompt_len=max_prompt_len)
-    fn_kwargs = dict(tokenizer=tokenizer, eos_id=_eos(tokenizer), max_seq_len=max_seq_len, max_prompt_len=max_prompt_len)
+    """Normalised rows -> {input_ids, labels}; loss on response + EOS (on everything for "text"),
+    with a chat template on the assistant's turn(s) and the end-of-turn token."""
+    key = cache_key(ds, tokenizer, fn="sft", max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
+                    **_chat_key(chat))
+    fn_kwargs = dict(tokenizer=tokenizer, eos_id=_eos(tokenizer), max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
+                     chat=chat)
     out = _cached_map(ds, _sft_batch, key, cache_dir, "tokenizing sft", fn_kwargs)
     if len(ds) and not len(out):
         raise ForgeError(f"--max-seq-len {max_seq_len} is shorter than every prompt in {source}")
@@ -234,6 +295,7 @@ def tokenize_pairs(
     margin_field: str | None = None,
     source: str = "the data",
     with_prompt_len: bool = False,
+    chat: ChatRender | None = None,
 ) -> tuple[datasets.Dataset, int]:
     """Pair rows -> ({chosen_input_ids, rejected_input_ids[, margin][, prompt_len]}, pairs dropped as
     identical). `prompt_len` (DPO) counts the ids before the response, the same on both sides.
@@ -250,9 +312,10 @@ def tokenize_pairs(
         log.info("%s: dropped %d pairs whose chosen and rejected text are identical", source, n_identical)
         ds = ds.select(keep)
     key = cache_key(ds, tokenizer, fn="pairs", max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
-                    margin_field=margin_field, **({"prompt_len": True} if with_prompt_len else {}))
+                    margin_field=margin_field, **({"prompt_len": True} if with_prompt_len else {}), **_chat_key(chat))
     fn_kwargs = dict(tokenizer=tokenizer, eos_id=_eos(tokenizer), max_seq_len=max_seq_len,
-                     max_prompt_len=max_prompt_len, margin_field=margin_field, with_prompt_len=with_prompt_len)
+                     max_prompt_len=max_prompt_len, margin_field=margin_field, with_prompt_len=with_prompt_len,
+                     chat=chat)
     out = _cached_map(ds, _pairs_batch, key, cache_dir, "tokenizing pairs", fn_kwargs)
     if len(ds) and not len(out):
         raise ForgeError(f"--max-seq-len {max_seq_len} is shorter than every prompt in {source}")
@@ -268,12 +331,13 @@ def tokenize_prompts(
     max_prompt_len: int,
     cache_dir: str | Path | None,
     source: str = "the data",
+    chat: ChatRender | None = None,
 ) -> datasets.Dataset:
     """Rows -> {prompt_input_ids} for generation; prompts over the budget are dropped (and logged),
     not truncated, since a cut prompt asks a different question."""
-    key = cache_key(ds, tokenizer, fn="prompts", max_prompt_len=max_prompt_len)
+    key = cache_key(ds, tokenizer, fn="prompts", max_prompt_len=max_prompt_len, **_chat_key(chat))
     out = _cached_map(ds, _prompts_batch, key, cache_dir, "tokenizing prompts",
-                      dict(tokenizer=tokenizer, max_prompt_len=max_prompt_len))
+                      dict(tokenizer=tokenizer, max_prompt_len=max_prompt_len, chat=chat))
     if len(ds) and not len(out):
         raise ForgeError(f"--max-prompt-len {max_prompt_len} is shorter than every prompt in {source}")
     if len(out) < len(ds):

@@ -77,11 +77,17 @@ def hf_from_pretrained(loader, path: str, what: str, **kwargs):
         raise ForgeError(f"cannot load {what} from {path!r}: {first}{hint}") from None
 
 
-def load_tokenizer(path: str, *, padding_side: str = "right",
-                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """AutoTokenizer plus a pad token that is not EOS (see the module docstring)."""
+def load_tokenizer(path: str, *, padding_side: str = "right", trust_remote_code: bool = False,
+                   chat_template: str = "auto") -> PreTrainedTokenizerBase:
+    """AutoTokenizer plus a pad token that is not EOS (see the module docstring), with the chat
+    template `chat_template` asks for (data/chat_template.py; saved with every export)."""
+    from forgepipe.data.chat_template import apply_setting
+
     tok = hf_from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer",
                            padding_side=padding_side, trust_remote_code=trust_remote_code)
+    used = apply_setting(tok, chat_template)
+    if used != "none":
+        log.info("chat template: %s", "the tokenizer's own" if used == "tokenizer" else used)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         if PADDING_TOKEN in tok.get_vocab():
             tok.pad_token = PADDING_TOKEN

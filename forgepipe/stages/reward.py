@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from forgepipe.config import Config
+from forgepipe.data.chat_template import ChatRender
 from forgepipe.data.collate import PairCollator
 from forgepipe.data.tokenize import tokenize_pairs
 from forgepipe.generation import clip, log_table
@@ -74,10 +75,11 @@ def evaluate_reward(engine, data, collate, batch_size: int, world) -> dict[str, 
 def prepare(cfg: Config, tokenizer, train_raw, eval_raw, cache_dir: str) -> Prepared:
     d, margin = cfg.data, cfg.reward.margin_field
     sources = ", ".join(d.sources)
+    chat = ChatRender.of(tokenizer)  # the score is read at the template's end-of-turn token
 
     def tokenize(rows):
         return tokenize_pairs(rows, tokenizer, d.max_seq_len, d.max_prompt_len, cache_dir, margin_field=margin,
-                              source=sources)
+                              source=sources, chat=chat)
 
     train, dropped = tokenize(train_raw)
     held_out, eval_dropped = tokenize(eval_raw) if len(eval_raw) else (None, 0)

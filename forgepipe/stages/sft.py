@@ -11,6 +11,7 @@ import logging
 import math
 
 from forgepipe.config import Config
+from forgepipe.data.chat_template import ChatRender
 from forgepipe.data.collate import SFTCollator, pack_sequences
 from forgepipe.data.tokenize import IGNORE_INDEX, tokenize_sft
 from forgepipe.generation import clip, generate_for_ids, log_table
@@ -46,8 +47,10 @@ def evaluate_lm(engine, data, collate, batch_size: int, world) -> dict[str, floa
 
 def prepare(cfg: Config, tokenizer, train_raw, eval_raw, cache_dir: str) -> Prepared:
     d = cfg.data
-    train = tokenize_sft(train_raw, tokenizer, d.max_seq_len, d.max_prompt_len, cache_dir)
-    held_out = tokenize_sft(eval_raw, tokenizer, d.max_seq_len, d.max_prompt_len, cache_dir) if len(eval_raw) else None
+    chat = ChatRender.of(tokenizer, d.train_on_all_turns)
+    train = tokenize_sft(train_raw, tokenizer, d.max_seq_len, d.max_prompt_len, cache_dir, chat=chat)
+    held_out = (tokenize_sft(eval_raw, tokenizer, d.max_seq_len, d.max_prompt_len, cache_dir, chat=chat)
+                if len(eval_raw) else None)
     if d.packing:
         train = pack_sequences(train, d.max_seq_len)
     return Prepared(train, held_out, SFTCollator(tokenizer.pad_token_id),

@@ -72,7 +72,8 @@ def run_supervised(stage: SupervisedStage, cfg: Config, parent_run_id: str | Non
     """Train and export."""
     with StageContext(cfg, parent_run_id) as ctx:
         model_path = resolve_stage_output(resolve_model(cfg.model.name_or_path, cfg.model.catalog))
-        tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
+        tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, trust_remote_code=cfg.model.trust_remote_code,
+                                   chat_template=cfg.data.chat_template)
         d = cfg.data
         train_raw, eval_raw = load_stage_data(d.sources, stage.name, d.split, cfg.train.seed, d.eval_fraction,
                                               keep_fields=stage.keep_fields(cfg),

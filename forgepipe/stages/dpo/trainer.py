@@ -23,6 +23,7 @@ from forgepipe import distributed as dist
 from forgepipe.checkpoint import export_pretrained
 from forgepipe.config import Config, data_share
 from forgepipe.data import load_stage_data
+from forgepipe.data.chat_template import ChatRender
 from forgepipe.data.collate import PairCollator
 from forgepipe.data.tokenize import tokenize_pairs
 from forgepipe.deepspeed_config import build_ds_config
@@ -195,7 +196,8 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> DPOInputs:
     from forgepipe.stages.ppo.trainer import tokenizer_mismatch
 
     model_path = _resolve(cfg.model.name_or_path, cfg, "model.name_or_path")
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, trust_remote_code=cfg.model.trust_remote_code,
+                               chat_template=cfg.data.chat_template)
     kind = reference_kind(cfg)
     ref_path = None
     if kind == "engine":
@@ -209,10 +211,11 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> DPOInputs:
                                           max_dropped_fraction=d.max_dropped_fraction,
                                           eval_max_samples=d.eval_max_samples)
     sources = ", ".join(d.sources)
+    chat = ChatRender.of(tokenizer)
 
     def tokenize(rows):
         return tokenize_pairs(rows, tokenizer, d.max_seq_len, d.max_prompt_len, ctx.cache_dir, source=sources,
-                              with_prompt_len=True)
+                              with_prompt_len=True, chat=chat)
 
     train, dropped = tokenize(train_raw)
     held_out, eval_dropped = tokenize(eval_raw) if len(eval_raw) else (None, 0)

@@ -21,6 +21,7 @@ from forgepipe import distributed as dist
 from forgepipe.checkpoint import consolidated_state_dict, export_pretrained, save_checkpoint
 from forgepipe.config import Config
 from forgepipe.data import load_stage_data, load_text_data
+from forgepipe.data.chat_template import ChatRender, stop_token_id
 from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
 from forgepipe.deepspeed_config import build_ds_config
@@ -288,8 +289,9 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
         raise ForgeError(f"{reward_path} is not a reward model export (no scalar head); "
                          "give the output of `forgepipe reward`", key="ppo.reward_model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left",
-                               trust_remote_code=cfg.model.trust_remote_code)
-    reward_tokenizer = load_tokenizer(reward_path)
+                               trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.data.chat_template)
+    reward_tokenizer = load_tokenizer(reward_path, chat_template=cfg.data.chat_template)
+    chat = ChatRender.of(tokenizer)
     mismatch = tokenizer_mismatch(tokenizer, reward_tokenizer)
     if mismatch and not p.allow_tokenizer_mismatch:
         raise ForgeError(f"the tokenizer of {reward_path} does not match the actor's ({mismatch}); "
@@ -301,7 +303,7 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
     train_raw, eval_raw = load_stage_data(cfg.data.sources, "ppo", cfg.data.split, cfg.train.seed,
                                           cfg.data.eval_fraction, max_dropped_fraction=cfg.data.max_dropped_fraction,
                                           eval_max_samples=cfg.data.eval_max_samples)
-    prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, ctx.cache_dir)
+    prompts = tokenize_prompts(train_raw, tokenizer, cfg.data.max_prompt_len, ctx.cache_dir, chat=chat)
     per_epoch = len(prompts) // (world.world_size * gen_batch)
     if per_epoch == 0:
         raise ForgeError(f"{len(prompts)} prompts are fewer than one experience batch "
@@ -314,16 +316,17 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> PPOInputs:
                                  cfg.data.max_seq_len, ctx.cache_dir)
     return PPOInputs(actor_path, reward_path, critic_path, tokenizer, reward_tokenizer, mismatch, prompts, ptx_data,
                      gen_batch, micro_batches, steps, steps * p.ppo_epochs * micro_batches // cfg.train.grad_accum,
-                     held_out_prompts(cfg, eval_raw, tokenizer, ctx.cache_dir))
+                     held_out_prompts(cfg, eval_raw, tokenizer, ctx.cache_dir, chat))
 
 
-def held_out_prompts(cfg: Config, eval_raw, tokenizer, cache_dir: str):
+def held_out_prompts(cfg: Config, eval_raw, tokenizer, cache_dir: str, chat: ChatRender | None = None):
     """The first `ppo.eval_prompts` held-out prompts that fit --max-prompt-len, or None (no evaluation)."""
     limit = cfg.ppo.eval_prompts
     if limit <= 0 or not len(eval_raw):
         return None
     try:
-        prompts = tokenize_prompts(eval_raw, tokenizer, cfg.data.max_prompt_len, cache_dir, source="held-out prompts")
+        prompts = tokenize_prompts(eval_raw, tokenizer, cfg.data.max_prompt_len, cache_dir, source="held-out prompts",
+                                   chat=chat)
     except ForgeError as exc:  # every held-out prompt too long: train, but say why nothing is evaluated
         log.warning("PPO evaluation off: %s", exc)
         return None
@@ -410,7 +413,7 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
     def run_unit(indices: list[int]) -> bool:
         exp = make_experience(
             m.actor, m.critic, m.ref, m.reward, collate([i.prompts[k] for k in indices]), ppo=p,
-            eos_token_id=i.tokenizer.eos_token_id, pad_token_id=i.tokenizer.pad_token_id,
+            eos_token_id=stop_token_id(i.tokenizer), pad_token_id=i.tokenizer.pad_token_id,
             forward_batch_size=cfg.train.per_device_batch_size,
             synced_gpus=zero3 and world.world_size > 1 and not gather, gather=gather,
             actor_tokenizer=i.tokenizer, reward_tokenizer=i.reward_tokenizer if i.mismatch else None,
@@ -453,7 +456,7 @@ def policy_evaluation(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PP
         return None
     p, tok = cfg.ppo, inputs.tokenizer
     settings = EvalSettings(
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=p.max_new_tokens,
+        eos_token_id=stop_token_id(tok), pad_token_id=tok.pad_token_id, max_new_tokens=p.max_new_tokens,
         temperature=p.temperature, top_p=p.top_p, batch_size=inputs.generation_batch,
         forward_batch_size=cfg.train.per_device_batch_size,
         table_rows=cfg.train.eval_generations, seed=cfg.train.seed,
