@@ -27,7 +27,7 @@ def norm(rows, source="src", keep=()):
 
 def test_pair_format():
     rows, dropped = norm([{"prompt": "p", "chosen": "c", "rejected": "r", "extra": 1}])
-    assert rows == [{"prompt": "p", "chosen": "c", "rejected": "r", "kind": "pair"}]
+    assert rows == [{"prompt": "p", "chosen": "c", "rejected": "r", "kind": "pair", "messages": ""}]
     assert dropped == 0
 
 
@@ -36,14 +36,14 @@ def test_hh_format_drops_and_counts_rows_that_do_not_split():
     bad = {"chosen": f"{H} q without reply", "rejected": f"{H} q{A} no"}
     rows, dropped = norm([good, bad, good])
     assert dropped == 1
-    assert rows == [{"prompt": f"{H} q{A}", "chosen": " yes", "rejected": " no", "kind": "pair"}] * 2
+    assert rows == [{"prompt": f"{H} q{A}", "chosen": " yes", "rejected": " no", "kind": "pair", "messages": ""}] * 2
 
 
 def test_response_and_text_formats():
     rows, _ = norm([{"prompt": "p", "response": "r"}])
-    assert rows == [{"prompt": "p", "chosen": "r", "rejected": None, "kind": "response"}]
+    assert rows == [{"prompt": "p", "chosen": "r", "rejected": None, "kind": "response", "messages": ""}]
     rows, _ = norm([{"text": "a document"}])
-    assert rows == [{"prompt": "", "chosen": "a document", "rejected": None, "kind": "text"}]
+    assert rows == [{"prompt": "", "chosen": "a document", "rejected": None, "kind": "text", "messages": ""}]
 
 
 def test_null_values_are_dropped():

@@ -56,7 +56,7 @@ def test_stage_data_on_bundled_sample_is_disjoint():
     for stage in ("sft", "reward", "ppo"):
         train, ev = load_stage_data([SAMPLE_PAIRS], stage, "2,4,4", seed=1234, eval_fraction=0.1)
         seen[stage] = {key(r) for r in train} | {key(r) for r in ev}
-        assert set(train.column_names) == {"prompt", "chosen", "rejected", "kind"}
+        assert set(train.column_names) == {"prompt", "chosen", "rejected", "kind", "messages"}
         assert {key(r) for r in train}.isdisjoint({key(r) for r in ev})
     assert [len(s) for s in seen.values()] == [60, 120, 120]
     assert not (seen["sft"] & seen["reward"]) and not (seen["reward"] & seen["ppo"])
