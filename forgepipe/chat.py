@@ -114,10 +114,14 @@ def print_answers(prompts: list[str], answers: list[str], as_jsonl: bool) -> Non
             click.echo(f">>> {prompt.strip()}\n{text.strip()}\n")
 
 
-def interactive(answer: Callable[[list[str]], list[str]], template: str) -> None:
-    """A dialogue on the terminal. With the HH template the turns accumulate (the prompt keeps its
-    end within --max-prompt-len, as in training); `/reset` starts over, `exit` or end of input stops."""
+def interactive(answer: Callable[[list[str]], list[str]], template: str, tokenizer=None) -> None:
+    """A dialogue on the terminal. With the HH or chat template the turns accumulate (the prompt
+    keeps its end within --max-prompt-len, as in training); `/reset` starts over, `exit` or end of
+    input stops."""
+    if template == "auto":
+        template = "chat" if tokenizer is not None and tokenizer.chat_template else "hh"
     history = ""
+    turns: list[dict] = []
     click.echo(f"forgepipe chat: type a message; /reset forgets the dialogue, {QUIT[0]} or Ctrl-D stops", err=True)
     while True:
         try:
@@ -127,14 +131,19 @@ def interactive(answer: Callable[[list[str]], list[str]], template: str) -> None
         if text.strip() in QUIT:
             return
         if text.strip() == "/reset":
-            history = ""
+            history, turns = "", []
             continue
         if not text.strip():
             continue
-        prompt = history + render_prompt(text, template)
+        if template == "chat":
+            prompt = render_prompt(text, template, tokenizer, turns)
+        else:
+            prompt = history + render_prompt(text, template)
         reply = answer([prompt])[0]
         click.echo(f"model> {reply.strip()}")
         history = prompt + reply if template == "hh" else ""
+        turns = [*turns, {"role": "user", "content": text.strip()}, {"role": "assistant", "content": reply.strip()}] \
+            if template == "chat" else []
 
 
 @click.command()
@@ -142,9 +151,10 @@ def interactive(answer: Callable[[list[str]], list[str]], template: str) -> None
 @click.option("--prompt", "prompt_texts", multiple=True, help="Answer this prompt and exit (repeatable).")
 @click.option("--prompts", "prompts_file", default=None,
               help="Answer every prompt of a file: .txt one per line, or a data file ({prompt, ...} or HH records).")
-@click.option("--template", type=click.Choice(TEMPLATES), default="hh", show_default=True,
-              help="hh: a bare question becomes '\\n\\nHuman: ...\\n\\nAssistant:' (text already ending with the "
-                   "Assistant turn is kept); raw: the text is the whole prompt.")
+@click.option("--template", type=click.Choice(TEMPLATES), default="auto", show_default=True,
+              help="auto: chat if the export has a chat template (it was trained with one), else hh; chat: a user "
+                   "turn in the export's chat template; hh: a bare question becomes '\\n\\nHuman: ...\\n\\nAssistant:' "
+                   "(text already ending with the Assistant turn is kept); raw: the text is the whole prompt.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--sample/--greedy", default=False, show_default=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True)
@@ -178,9 +188,9 @@ def chat(model_dir, prompt_texts, prompts_file, template, max_new_tokens, sample
                                  greedy=not sample, temperature=temperature, top_p=top_p, batch_size=batch_size)
 
         if not texts:
-            interactive(answer, template)
+            interactive(answer, template, tokenizer)
             return
-        print_answers(texts, answer([render_prompt(t, template) for t in texts]), as_jsonl)
+        print_answers(texts, answer([render_prompt(t, template, tokenizer) for t in texts]), as_jsonl)
 
     run_command(main)
 

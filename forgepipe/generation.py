@@ -24,15 +24,24 @@ if TYPE_CHECKING:  # torch and the tokenizing code are imported where used: the 
 log = logging.getLogger(__name__)
 
 HUMAN = "\n\nHuman: "
-TEMPLATES = ("hh", "raw")
+TEMPLATES = ("auto", "chat", "hh", "raw")
 
 
-def render_prompt(text: str, template: str = "hh") -> str:
-    """A person's text as a training prompt. `hh`: wrapped in the HH turns unless it already ends
-    with the Assistant turn (a whole dialogue pasted in); `raw`: as given (a {prompt, response}
-    data set of another style)."""
+def render_prompt(text: str, template: str = "hh", tokenizer=None, history: list[dict] | None = None) -> str:
+    """A person's text as a training prompt. `chat`: a user turn (after `history`, a list of
+    messages) rendered by the tokenizer's chat template with the assistant header; `hh`: wrapped in
+    the HH turns unless it already ends with the Assistant turn (a whole dialogue pasted in); `raw`:
+    as given (a {prompt, response} data set of another style); `auto`: `chat` when the tokenizer
+    has a chat template (the export was trained with it), else `hh`."""
     if template not in TEMPLATES:
         raise ForgeError(f"--template: {template!r} is not one of {', '.join(TEMPLATES)}")
+    if template == "auto":
+        template = "chat" if tokenizer is not None and tokenizer.chat_template else "hh"
+    if template == "chat":
+        if tokenizer is None or not tokenizer.chat_template:
+            raise ForgeError("--template chat: the model's tokenizer has no chat template")
+        messages = [*(history or []), {"role": "user", "content": text.strip()}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if template == "raw" or text.endswith(ASSISTANT):
         return text
     return f"{HUMAN}{text.strip()}{ASSISTANT}"

@@ -207,6 +207,20 @@ def test_without_a_template_the_hh_text_is_unchanged(tok):
     assert out["input_ids"] == [prompt + ids(plain, " good") + [plain.eos_token_id]]
 
 
+def test_chat_prompts_a_person_in_the_exports_template(tok):
+    from transformers import AutoTokenizer
+
+    from forgepipe.generation import render_prompt
+
+    assert render_prompt("q", "auto", tok) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert render_prompt("c", "chat", tok, history).startswith("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb")
+    plain = AutoTokenizer.from_pretrained(tiny_asset_dir())
+    assert render_prompt("q", "auto", plain) == "\n\nHuman: q\n\nAssistant:"  # FORGE exports: the HH turns
+    with pytest.raises(ForgeError, match="--template chat: the model's tokenizer has no chat template"):
+        render_prompt("q", "chat", plain)
+
+
 def test_a_template_that_rewrites_earlier_turns_drops_the_row(tmp_path):
     """A template that renders the history differently once a turn follows cannot be masked: the
     row is skipped, never trained with a shifted mask."""
@@ -216,3 +230,64 @@ def test_a_template_that_rewrites_earlier_turns_drops_the_row(tmp_path):
     tok = load_tokenizer(str(make_chat_tokenizer(tmp_path / "shifty", shifty)))
     batch = rows(prompt=["\n\nHuman: q\n\nAssistant:"], chosen=[" a"], kind=["response"])
     assert _sft_batch(batch, tok, tok.eos_token_id, 512, 256, chat=ChatRender.of(tok)) == {"input_ids": [], "labels": []}
+
+
+# ---------------------------------------------------------------------------
+# Every stage on chat-format data, with a tokenizer that has a chat template
+
+TOPICS = ("fusion", "plasma", "climate", "neutrons", "lasers", "graphene", "proteins", "galaxies")
+
+
+def write_chat_data(tmp_path: Path, rows: int = 64) -> tuple[Path, Path]:
+    """A {messages} SFT file (two-turn conversations) and a conversational preference file."""
+    messages, prefs = tmp_path / "messages.jsonl", tmp_path / "prefs.jsonl"
+    with messages.open("w") as m, prefs.open("w") as p:
+        for i in range(rows):
+            topic = TOPICS[i % len(TOPICS)]
+            system = {"role": "system", "content": "Answer briefly."}
+            first = [system, {"role": "user", "content": f"What is {topic}?"},
+                     {"role": "assistant", "content": f"{topic} is a field of study number {i}."},
+                     {"role": "user", "content": "Say more."}]
+            m.write(json.dumps({"messages": [*first, {"role": "assistant", "content": f"It has many {topic} papers."}]}) + "\n")
+            p.write(json.dumps({"prompt": first[:2], "chosen": [{"role": "assistant", "content": f"the answer is {topic}"}],
+                                "rejected": [{"role": "assistant", "content": "no idea at all"}]}) + "\n")
+    return messages, prefs
+
+
+COMMON = ["--dtype", "fp32", "--torch-adam", "--zero-stage", "2", "--per-device-batch-size", "2", "--max-steps", "2",
+          "--max-seq-len", "128", "--max-prompt-len", "96", "--eval-generations", "2", "--eval-max-new-tokens", "4"]
+
+
+@pytest.mark.slow
+def test_chat_data_runs_through_sft_reward_ppo_and_dpo(tiny_model, tmp_path):
+    from conftest import run_forgepipe
+
+    model = chat_model(tiny_model, tmp_path / "chat-model")
+    messages, prefs = write_chat_data(tmp_path)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "pipe"
+    proc = run_forgepipe(["pipeline", "--model", str(model), "--data", str(prefs), "--output-dir", str(out),
+                          "--tracking-uri", db, "--max-new-tokens", "8", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chat template: the tokenizer's own" in proc.stderr
+    dpo = run_forgepipe(["dpo", "--model", str(out / "sft"), "--data", str(prefs), "--output-dir", str(tmp_path / "dpo"),
+                         "--tracking-uri", db, *COMMON])
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    for stage_dir in (out / "sft", out / "reward", out / "ppo", tmp_path / "dpo"):  # every export carries it
+        assert (stage_dir / "model" / "chat_template.jinja").read_text() == CHATML, stage_dir
+    talk = run_forgepipe(["chat", str(out / "ppo"), "--prompt", "What is fusion?", "--max-new-tokens", "4", "--jsonl"])
+    assert talk.returncode == 0, talk.stderr[-3000:]
+    assert json.loads(talk.stdout.strip().splitlines()[-1])["prompt"] == "What is fusion?"
+
+    # {messages} records, all turns trained, a template from a file on a model that has none: the
+    # file's template is the export's, and a later stage finds it (auto).
+    file = tmp_path / "hh.jinja"
+    file.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant:{% endif %}")
+    sft = run_forgepipe(["sft", "--model", str(tiny_model), "--data", str(messages), "--output-dir", str(tmp_path / "sft2"),
+                         "--tracking-uri", db, "--chat-template", str(file), "--train-on-all-turns", *COMMON])
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert f"chat template: {file}" in sft.stderr
+    assert (tmp_path / "sft2" / "model" / "chat_template.jinja").read_text() == file.read_text()
+    assert "chat_template: " + str(file) in (tmp_path / "sft2" / "config.yaml").read_text()
+    assert "train_on_all_turns: true" in (tmp_path / "sft2" / "config.yaml").read_text()
