@@ -209,8 +209,9 @@ def pairwise_summary(chosen: list[float], rejected: list[float]) -> dict[str, fl
             "gap_mean": (sum(chosen) - sum(rejected)) / n}
 
 
-def scored_rows(path: str, limit: int) -> tuple[list[str], list[str], list[str] | None]:
-    """(prompts, chosen or only responses, rejected or None) of a data file, at most `limit` rows (0: all)."""
+def scored_rows(path: str, limit: int) -> tuple[list[str], list[str], list[str] | None, list[str]]:
+    """(prompts, chosen or only responses, rejected or None, conversations as JSON or "") of a data
+    file, at most `limit` rows (0: all)."""
     ds = normalised_rows(path, "--data")
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
@@ -219,18 +220,20 @@ def scored_rows(path: str, limit: int) -> tuple[list[str], list[str], list[str] 
         raise ForgeError(f"{path} has no prompt/response rows to score ({{text}} documents have none)", key="data.sources")
     prompts, chosen = ds["prompt"][:], ds["chosen"][:]
     rejected = ds["rejected"][:] if kinds == {"pair"} else None
-    return prompts, chosen, rejected
+    return prompts, chosen, rejected, ds["messages"][:]
 
 
 def sequence_ids(tokenizer, prompts: list[str], responses: list[str], max_seq_len: int,
-                 max_prompt_len: int) -> list[list[int]]:
-    """prompt + response + EOS as the reward stage tokenized them (tokenize.pair_side)."""
-    from forgepipe.data.tokenize import pair_side
+                 max_prompt_len: int, messages: list[str] | None = None) -> list[list[int]]:
+    """prompt + response + EOS as the reward stage tokenized them (tokenize.pair_side), in the
+    export's chat template when it has one (the end-of-turn token last)."""
+    from forgepipe.data.chat_template import ChatRender
+    from forgepipe.data.tokenize import scored_sequence
 
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    return [pair_side(p, r, tokenizer.eos_token_id, max_seq_len, max_prompt_len)
-            for p, r in zip(p_ids, r_ids, strict=True)]
+    chat = ChatRender.of(tokenizer)
+    messages = messages or [""] * len(prompts)
+    return [scored_sequence(tokenizer, chat, p, m, r, max_seq_len, max_prompt_len)
+            for p, m, r in zip(prompts, messages, responses, strict=True)]
 
 
 def sequence_scores(model, rows: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
@@ -308,13 +311,13 @@ def score(reward_dir, data_file, limit, max_seq_len, max_prompt_len, batch_size,
     """
     def main() -> None:
         path = resolve_export(reward_dir, "REWARD_DIR", catalog)
-        prompts, chosen, rejected = scored_rows(data_file, limit)
+        prompts, chosen, rejected, messages = scored_rows(data_file, limit)
         model, tokenizer = load_reward_model(path, dtype)
         lengths = (max_seq_len or trained_limit(path, "max_seq_len"),
                    max_prompt_len or trained_limit(path, "max_prompt_len"))
 
         def scores(responses: list[str]) -> list[float]:
-            rows = sequence_ids(tokenizer, prompts, responses, *lengths)
+            rows = sequence_ids(tokenizer, prompts, responses, *lengths, messages)
             return sequence_scores(model, rows, tokenizer.pad_token_id, batch_size)
 
         print_scores(prompts, scores(chosen), scores(rejected) if rejected else None, as_jsonl)

@@ -190,6 +190,15 @@ def test_pairs_end_with_the_end_of_turn_token_where_the_reward_is_read(tok):
     assert cut["chosen_input_ids"] == [prompt + ids(tok, "a good and long answer")[:2] + [1001]]  # end-of-turn kept last
 
 
+def test_score_tokenizes_a_pair_side_as_the_reward_stage_did(tok):
+    from forgepipe.data.tokenize import scored_sequence
+
+    batch = rows(prompt=["\n\nHuman: q\n\nAssistant:"], chosen=[" good"], rejected=[" bad"])
+    for chat in (ChatRender.of(tok), None):
+        stage = _pairs_batch(batch, tok, tok.eos_token_id, 512, 256, None, chat=chat)
+        assert scored_sequence(tok, chat, batch["prompt"][0], "", " good", 512, 256) == stage["chosen_input_ids"][0]
+
+
 def test_ppo_prompts_end_with_the_assistant_header(tok):
     out = _prompts_batch(rows(prompt=["\n\nHuman: q\n\nAssistant:"]), tok, 256, chat=ChatRender.of(tok))
     assert out["prompt_input_ids"] == [ids(tok, "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n")]
@@ -275,6 +284,8 @@ def test_chat_data_runs_through_sft_reward_ppo_and_dpo(tiny_model, tmp_path):
     assert dpo.returncode == 0, dpo.stderr[-3000:]
     for stage_dir in (out / "sft", out / "reward", out / "ppo", tmp_path / "dpo"):  # every export carries it
         assert (stage_dir / "model" / "chat_template.jinja").read_text() == CHATML, stage_dir
+    scored = run_forgepipe(["score", str(out / "reward"), "--data", str(prefs), "--limit", "4"])
+    assert scored.returncode == 0 and "pairs: 4" in scored.stdout, scored.stderr[-3000:]
     talk = run_forgepipe(["chat", str(out / "ppo"), "--prompt", "What is fusion?", "--max-new-tokens", "4", "--jsonl"])
     assert talk.returncode == 0, talk.stderr[-3000:]
     assert json.loads(talk.stdout.strip().splitlines()[-1])["prompt"] == "What is fusion?"

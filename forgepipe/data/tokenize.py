@@ -239,6 +239,20 @@ def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_f
     return out
 
 
+def scored_sequence(tokenizer, chat: ChatRender | None, prompt: str, messages: str, response: str,
+                    max_seq_len: int, max_prompt_len: int) -> list[int]:
+    """One side of a pair as the reward stage tokenized it: prompt + response + EOS, or with a chat
+    template the rendered conversation ending in its end-of-turn token (`forgepipe score`)."""
+    if chat is None:
+        p, r = _ids(tokenizer, [prompt, response])
+        return pair_side(p, r, _eos(tokenizer), max_seq_len, max_prompt_len)
+    try:
+        p, _, r = chat.sft_ids(chat.conversation(prompt, messages), response)
+    except ValueError as exc:
+        raise ForgeError(f"{exc}: {prompt[-80:]!r}") from None
+    return pair_side(p, r[:-1], chat.end_id, max_seq_len, max_prompt_len)
+
+
 def _prompts_batch(batch, tokenizer, max_prompt_len, chat=None):
     if chat is None:
         ids = _ids(tokenizer, batch["prompt"])
