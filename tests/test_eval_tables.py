@@ -16,6 +16,8 @@ def test_prompt_and_answer_cut_where_the_loss_starts():
     example = {"input_ids": [5, 6, 7, 8, 0], "labels": [-100, -100, 7, 8, 0]}
     assert prompt_and_answer(example) == ([5, 6], [7, 8, 0])
     assert prompt_and_answer({"input_ids": [5, 6, 0], "labels": [5, 6, 0]}) is None  # a document
+    all_turns = {"input_ids": [1, 2, 3, 4, 5, 6, 0], "labels": [-100, 2, 3, -100, -100, 6, 0]}
+    assert prompt_and_answer(all_turns) == ([1, 2, 3, 4, 5], [6, 0])  # the final turn is the answer
 
 
 def test_split_pair_keeps_the_shared_prefix_as_the_prompt():

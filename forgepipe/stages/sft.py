@@ -63,10 +63,12 @@ def build_model(cfg: Config, path: str, tokenizer, gradient_checkpointing: bool)
 
 
 def prompt_and_answer(example: dict) -> tuple[list[int], list[int]] | None:
-    """(prompt ids, held-out answer ids with EOS) of a tokenized SFT example; None for a document
+    """(prompt ids, held-out answer ids with EOS) of a tokenized SFT example: the answer is the last
+    run of trained tokens (the final turn, also with --train-on-all-turns); None for a document
     (loss on every token: no prompt to answer)."""
     labels = example["labels"]
-    cut = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    cut = max((i + 1 for i, label in enumerate(labels[:-1]) if label == IGNORE_INDEX and labels[i + 1] != IGNORE_INDEX),
+              default=0)
     return (example["input_ids"][:cut], example["input_ids"][cut:]) if cut else None
 
 
