@@ -149,6 +149,14 @@ CASES: dict[str, tuple[str, object, str]] = {
         "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--resume", str(write(d / "ck" / "x", "") and d / "ck")],
         "--resume: {d}/ck is not a complete forgepipe checkpoint"),
     "reward data without pairs": ("reward", lambda d, m: ["--data", str(SAMPLE_DOCS)], "no chosen/rejected pairs"),
+    "missing chat template file": ("sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--chat-template", str(d / "t.jinja")],
+                                   "--chat-template: {d}/t.jinja: no such file"),
+    "a conversation without the assistant's answer names its line": (
+        "sft", lambda d, m: ["--data", str(write(d / "chat.jsonl", "".join(json.dumps({"messages": [
+            {"role": "user", "content": f"q{i}"}, *([{"role": "assistant", "content": "a"}] if i % 2 else [])]}) + "\n"
+            for i in range(20))))],
+        "chat.jsonl: 10 of 20 rows (50%) dropped, more than --max-dropped-fraction 0.1: 10 'messages' does not end "
+        "with an assistant message after a prompt (e.g. {d}/chat.jsonl:1)"),
 }
 
 
