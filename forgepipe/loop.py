@@ -158,6 +158,7 @@ class LoopSettings:
     save_every: int
     save_every_minutes: float
     keep_last: int
+    final_checkpoint: bool = True  # off: the run ends with its export only (nothing to extend it from)
     group_by_length: bool = False  # supervised stages: length_grouped_order instead of epoch_order
     flops_per_token: float = 0.0  # 6N; gives perf/model_tflops_per_s per device
     peak_tflops: float = 0.0  # gives perf/mfu
@@ -168,7 +169,8 @@ class LoopSettings:
         return cls(epochs=t.epochs, max_steps=t.max_steps, micro_batch=t.per_device_batch_size,
                    grad_accum=t.grad_accum, seed=t.seed, log_every=t.log_every, eval_every=t.eval_every,
                    save_every=t.save_every, save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
-                   peak_tflops=t.peak_tflops, group_by_length=cfg.data.group_by_length)
+                   final_checkpoint=t.final_checkpoint, peak_tflops=t.peak_tflops,
+                   group_by_length=cfg.data.group_by_length)
 
 
 def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]], run_unit: Callable[[Any], bool],
@@ -216,7 +218,8 @@ def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]]
     progress.close()
     if evaluate:
         evaluate(state.step)
-    checkpoint()
+    if s.final_checkpoint:
+        checkpoint()
     return state
 
 

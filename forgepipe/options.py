@@ -58,6 +58,9 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--save-every", "train.save_every", "Checkpoint every N steps (0: at the end only)."),
     ("--save-every-minutes", "train.save_every_minutes", "Checkpoint every M minutes (0: off)."),
     ("--keep-last", "train.keep_last", "Checkpoints kept on disk."),
+    ("--final-checkpoint/--no-final-checkpoint", "train.final_checkpoint",
+     "Write a resumable checkpoint (weights and optimizer state) at the end of the run. Without it only the "
+     "export is written: a faster end, but the finished run cannot be extended with a larger --max-steps."),
     ("--peak-tflops", "train.peak_tflops", "Per-device peak TFLOP/s for MFU (MI250X GCD bf16: 191.5)."),
     ("--dist-timeout-minutes", "train.dist_timeout_minutes", "A collective stuck this long aborts the job."),
     ("--resume", "train.resume", "auto (continue from the output dir's checkpoint), never, or a checkpoint dir."),

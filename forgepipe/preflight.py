@@ -65,6 +65,18 @@ def earlier_run(output_dir: Path) -> str | None:
     return None
 
 
+def last_checkpoint_step(output_dir: Path) -> int:
+    """The step of the newest complete checkpoint in `output_dir` (-1: none); reads no tensors."""
+    steps = [-1]
+    root = output_dir / CHECKPOINT_DIR
+    for path in root.iterdir() if root.is_dir() else ():
+        try:
+            steps.append(int(json.loads((path / LOOP_STATE).read_text()).get("step", -1)))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return max(steps)
+
+
 def check_output_dir(cfg: Config) -> None:
     """--output-dir is usable, and an earlier run in it is only replaced when the user says so."""
     if not cfg.output_dir:
@@ -80,6 +92,14 @@ def check_output_dir(cfg: Config) -> None:
             json.loads(state.read_text())
         except (OSError, ValueError) as exc:
             raise ForgeError(f"{state} is unreadable ({type(exc).__name__})", key="train.resume") from None
+    if resume == "auto" and not cfg.overwrite and (out / RUN_FILE).is_file():
+        steps = StageResult.read(out).steps
+        if last_checkpoint_step(out) < steps:
+            raise ForgeError(
+                f"{out} holds a run that finished at step {steps} without its final checkpoint "
+                f"({label('train.final_checkpoint')} was off): nothing to continue it from. Its export is in "
+                f"{out / MODEL_SUBDIR}; pass --overwrite to train it again, or choose another --output-dir",
+                key="output_dir")
     if resume == "never" and not cfg.overwrite:
         found = earlier_run(out)
         if found:
@@ -102,7 +122,7 @@ HONOURED_ON_RESUME = {
     "ppo.critic_gradient_checkpointing", "tracking.log_checkpoints", "deepspeed.flops_profiler",
     "deepspeed.profile_step", "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters",
     "deepspeed.prefetch_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.reduce_bucket_size",
-    "deepspeed.overlap_comm", "deepspeed.contiguous_gradients", "dpo.precompute_ref",
+    "deepspeed.overlap_comm", "deepspeed.contiguous_gradients", "dpo.precompute_ref", "train.final_checkpoint",
 }
 # Not part of what was trained: never compared.
 NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",

@@ -272,3 +272,18 @@ def test_overwrite_removes_the_old_outputs_first_and_says_so(finished, tiny_mode
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000002"]
     status = dict((r[0], r[1]) for r in run_record(db))
     assert status == {old_run: "FINISHED", new_run: "FINISHED"}
+
+
+@pytest.mark.slow
+def test_a_run_without_its_final_checkpoint_is_finished_not_extendable(tiny_model, tmp_path):
+    """--no-final-checkpoint: the export and the run file, no checkpoint; extending it is refused in
+    one line before anything starts, and the finished run is left as it was."""
+    out, db = tmp_path / "sft", tmp_path / "mlflow.db"
+    proc = cli(sft_args(tiny_model, out, db, "--no-final-checkpoint"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model" / "model.safetensors").is_file() and (out / "forgepipe-run.json").is_file()
+    assert not any((out / "checkpoints").glob("step-*"))
+    before_files, before_runs = snapshot(out), run_record(db)
+    error = one_error(cli(sft_args(tiny_model, out, db, "--no-final-checkpoint", "--max-steps", "3")))
+    assert f"{out} holds a run that finished at step 2 without its final checkpoint" in error, error
+    assert snapshot(out) == before_files and run_record(db) == before_runs

@@ -90,3 +90,16 @@ def test_group_by_length_gives_like_lengths_per_global_micro_batch_deterministic
     assert grouped != global_batches(lengths, 1)
     shuffled = global_batches(None, 0)  # without grouping: the plain seeded shuffle mixes lengths
     assert any(max(lengths[i] for i in b) - min(lengths[i] for i in b) > 300 for b in shuffled)
+
+
+@pytest.mark.parametrize("final, expected", [(True, [2, 4]), (False, [2])])
+def test_the_final_checkpoint_is_written_only_when_asked(final, expected):
+    """--no-final-checkpoint: the checkpoints along the way are written, the end-of-run one is not."""
+    from forgepipe.loop import LoopState, drive
+
+    state, saved = LoopState(), []
+    s = LoopSettings(epochs=1, max_steps=4, micro_batch=1, grad_accum=1, seed=0, log_every=1, eval_every=0,
+                     save_every=2, save_every_minutes=0.0, keep_last=2, final_checkpoint=final)
+    drive(state=state, total=4, units=lambda epoch: list(range(8)), run_unit=lambda unit: True, log=lambda step: {},
+          evaluate=None, checkpoint=lambda: saved.append(state.step), settings=s, stop=None, world=World(), desc="t")
+    assert state.step == 4 and saved == expected
