@@ -216,6 +216,18 @@ def test_without_a_template_the_hh_text_is_unchanged(tok):
     assert out["input_ids"] == [prompt + ids(plain, " good") + [plain.eos_token_id]]
 
 
+def test_a_conversation_the_template_refuses_is_skipped(tmp_path):
+    """Templates raise on what they do not accept (here: a system message): that row is skipped, the rest train."""
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+              "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = load_tokenizer(str(make_chat_tokenizer(tmp_path / "strict", strict)))
+    batch = rows(prompt=["Be brief.\n\nHuman: q\n\nAssistant:", "\n\nHuman: q\n\nAssistant:"], chosen=[" a", " a"],
+                 kind=["response", "response"])
+    out = _sft_batch(batch, tok, tok.eos_token_id, 512, 256, chat=ChatRender.of(tok))
+    assert out["input_ids"] == [ids(tok, "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>")]
+
+
 def test_chat_prompts_a_person_in_the_exports_template(tok):
     from transformers import AutoTokenizer
 

@@ -143,7 +143,13 @@ class ChatRender:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        """The template's text; ValueError when the template refuses the conversation (its own
+        `raise_exception`, e.g. roles that do not alternate)."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - jinja2's errors, and whatever a template raises
+            raise ValueError(f"the chat template refused the conversation ({exc})") from None
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

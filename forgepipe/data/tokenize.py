@@ -170,7 +170,9 @@ def _eos(tokenizer) -> int:
 
 def _chat_rows(batch, chat, sides: tuple[str, ...]) -> Iterator[tuple[int, list[dict] | None, list]]:
     """(row index, conversation, [ChatRender.sft_ids of each side]) per row; a row the template
-    cannot mask (it rewrites earlier turns) is skipped (counted by the caller as dropped)."""
+    refuses or cannot mask (it rewrites earlier turns) is skipped, with one warning per batch
+    (the callers log how many rows tokenization dropped)."""
+    skipped, first = 0, ""
     for i, prompt in enumerate(batch["prompt"]):
         if batch["kind"][i] == "text":  # documents have no turns: loss on all of it, as without a template
             yield i, None, []
@@ -179,7 +181,9 @@ def _chat_rows(batch, chat, sides: tuple[str, ...]) -> Iterator[tuple[int, list[
         try:
             yield i, messages, [chat.sft_ids(messages, batch[side][i]) for side in sides]
         except ValueError as exc:
-            log.warning("row skipped: %s", exc)
+            skipped, first = skipped + 1, first or str(exc)
+    if skipped:
+        log.warning("%d of %d rows skipped: %s", skipped, len(batch["prompt"]), first)
 
 
 def _sft_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, chat=None):
