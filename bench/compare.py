@@ -75,7 +75,8 @@ class Result:
                 "real_tok_per_s": sum(r[1] for r in rows) / seconds,
                 "computed_tok_per_s": sum(r[2] for r in rows) / seconds,
                 "real_share": sum(r[1] for r in rows) / max(1, sum(r[2] for r in rows)),
-                "wall_s": self.wall_s, "first_step_s": self.first_step_s, "peak_rss_mib": self.peak_rss_mib}
+                "wall_s": self.wall_s, "first_step_s": self.first_step_s, "peak_rss_mib": self.peak_rss_mib,
+                "after_last_step_s": self.wall_s - self.first_step_s - sum(r[0] for r in self.steps)}
 
 
 # ---------------------------------------------------------------------------
@@ -126,16 +127,19 @@ def write_data(rows: list[dict[str, str]], out: Path, eval_rows: int = 8) -> dic
 
 def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
     levers = {"dynamic": [], "grouped": ["--order", "grouped"], "pad-to-max": ["--pad-to", str(s.max_len)],
-              "packing": []}[variant]
+              "packing": [], "no-final-checkpoint": []}[variant]
     args = [stage, "--model", str(model), "--data", str(data["pairs"]),
             "--data-split", "1,0,0" if stage == "sft" else "0,1,0", "--eval-fraction", "0.01",
             "--eval-max-samples", "8", "--eval-every", "0", "--output-dir", str(out),
             "--tracking-uri", f"sqlite:///{out.parent / 'fp-mlflow.db'}", "--run-name", out.name,
             "--dtype", s.dtype, "--torch-adam", "--zero-stage", str(s.zero), "--per-device-batch-size", str(s.batch),
             "--max-steps", str(s.steps), "--max-seq-len", str(s.max_len), "--lr", str(s.lr), "--seed", str(s.seed),
-            "--log-every", "1", "--resume", "never", "--cache-dir", str(out / "cache")]
+            "--log-every", "1", "--resume", "never", "--cache-dir", str(out / "cache"),
+            "--chat-template", "none"]  # SmolLM2-Instruct has one; DeepSpeed-Chat and TRL read the HH text as is
     if variant == "packing":
         args.append("--packing")
+    if variant == "no-final-checkpoint":  # the end-of-run lever: export only, no optimizer state written
+        args.append("--no-final-checkpoint")
     return [sys.executable, str(REPO / "bench" / "fp_run.py"), *levers, *args]
 
 
@@ -217,14 +221,15 @@ def table(results: list[Result], s: Settings) -> str:
         groups.setdefault((r.stage, r.contender), []).append(r.summary(s.warmup, s.batch))
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} | {"n": len(v)} for k, v in groups.items()}
     lines = ["| stage | contender | runs | s/step | samples/s | real tok/s | computed tok/s | real share "
-             "| first step s | wall s | peak RSS MiB | forgepipe / this (samples/s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| first step s | after last step s | wall s | peak RSS MiB | forgepipe / this (samples/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (stage, name), m in med.items():
         base = med.get((stage, "forgepipe"))
         ratio = f"{base['samples_per_s'] / m['samples_per_s']:.2f}x" if base else "-"
         lines.append(f"| {stage} | {name} | {m['n']} | {m['s_per_step']:.2f} | {m['samples_per_s']:.2f} "
                      f"| {m['real_tok_per_s']:.0f} | {m['computed_tok_per_s']:.0f} | {m['real_share']:.0%} "
-                     f"| {m['first_step_s']:.1f} | {m['wall_s']:.1f} | {m['peak_rss_mib']:.0f} | {ratio} |")
+                     f"| {m['first_step_s']:.1f} | {m['after_last_step_s']:.1f} | {m['wall_s']:.1f} "
+                     f"| {m['peak_rss_mib']:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -267,7 +272,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=Settings.warmup)
     parser.add_argument("--dtype", default=Settings.dtype, help="bf16 on GPUs; fp32 on CPUs without bf16 units")
     parser.add_argument("--contenders", default="forgepipe,dschat,trl",
-                        help="forgepipe[-grouped|-pad-to-max|-packing], dschat, trl")
+                        help="forgepipe[-grouped|-pad-to-max|-packing|-no-final-checkpoint], dschat, trl")
     parser.add_argument("--model", type=Path, default=BENCH_ENV / "models" / "smollm2-135m")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory, kept (default: a temporary one)")
     parser.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
