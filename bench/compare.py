@@ -126,7 +126,7 @@ def write_data(rows: list[dict[str, str]], out: Path, eval_rows: int = 8) -> dic
 
 
 def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
-    levers = {"dynamic": [], "grouped": ["--order", "grouped"], "pad-to-max": ["--pad-to", str(s.max_len)],
+    levers = {"dynamic": [], "grouped": [], "pad-to-max": ["--pad-to", str(s.max_len)],
               "packing": [], "no-final-checkpoint": []}[variant]
     args = [stage, "--model", str(model), "--data", str(data["pairs"]),
             "--data-split", "1,0,0" if stage == "sft" else "0,1,0", "--eval-fraction", "0.01",
@@ -138,6 +138,8 @@ def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], 
             "--chat-template", "none"]  # SmolLM2-Instruct has one; DeepSpeed-Chat and TRL read the HH text as is
     if variant == "packing":
         args.append("--packing")
+    if variant == "grouped":  # the landed lever (data.group_by_length), no longer fp_run's --order swap
+        args.append("--group-by-length")
     if variant == "no-final-checkpoint":  # the end-of-run lever: export only, no optimizer state written
         args.append("--no-final-checkpoint")
     return [sys.executable, str(REPO / "bench" / "fp_run.py"), *levers, *args]

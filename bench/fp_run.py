@@ -6,7 +6,8 @@ The step clock prints one `BENCH_STEP <seconds> <real tokens> <computed tokens>`
 optimizer step (grad accumulation 1), measured as bench/contenders.py measures TRL and the patched
 DeepSpeed-Chat measures itself: from the collation of the batch to the end of `engine.step()`.
 
-Levers, until `data.group_by_length` / `data.pad_to_max_length` exist in forgepipe/config.py:
+Levers that are not forgepipe options (bench/compare.py's forgepipe-grouped now passes the real
+`--group-by-length`):
   --order grouped   the loop's epoch order comes from `length_grouped_order` (forgepipe/data/collate.py)
   --pad-to N        every batch padded to N tokens (DeepSpeed-Chat's padding="max_length"), for reference
 Both are applied by wrapping `train_loop` where the supervised recipe imported it; nothing else
