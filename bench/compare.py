@@ -167,6 +167,14 @@ def dschat_cmd(stage: str, model: Path, data: dict[str, Path], out: Path, s: Set
             "--master_port", "29612", str(BENCH_ENV / "dschat" / "training" / step / "main.py"), *args]
 
 
+def extensions_dir(contender: str) -> str:
+    """One JIT-op cache per Python environment. DeepSpeed builds its CPU shm comm op at start-up;
+    with one shared cache each environment's build invalidates the other's, and every run after a
+    run of the other environment rebuilt it (~50 s of its first step, seen in the runs of 2026-11-26)."""
+    env = "forgepipe" if contender.startswith("forgepipe") else "contenders"
+    return str(Path.home() / ".cache" / "forgepipe-bench" / f"torch-extensions-{env}")
+
+
 def run(name: str, stage: str, cmd: list[str], env: dict[str, str], log: Path) -> Result | None:
     """Run one contender under a wrapper that reports its children's peak RSS; timestamp each
     BENCH_STEP line as it arrives, so the first step's start is (arrival - its seconds)."""
@@ -322,7 +330,8 @@ def main() -> None:
                         cmd = dschat_cmd(stage, a.model, data, out, s)
                     if stage == "reward" and name in ("forgepipe-pad-to-max", "forgepipe-packing"):
                         continue
-                    r = run(name, stage, cmd, env, work / f"{out.name}.log")
+                    r = run(name, stage, cmd, {**env, "TORCH_EXTENSIONS_DIR": extensions_dir(name)},
+                            work / f"{out.name}.log")
                     if r is None:
                         failed.append(f"{stage}/{name}")
                         continue
