@@ -33,7 +33,7 @@ import torch
 
 from forgepipe.distributed import all_reduce_sum, barrier, current_rank, is_main_process
 from forgepipe.errors import ForgeError
-from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, RUN_FILE
+from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, RUN_FILE, checkpoint_step
 from forgepipe.models.load import merge_lora
 from forgepipe.tracking import write_json_atomic
 
@@ -158,13 +158,6 @@ def save_checkpoint(
     return final
 
 
-def _step_of(checkpoint: Path) -> int:
-    try:
-        return int(json.loads((checkpoint / LOOP_STATE).read_text()).get("step", -1))
-    except (OSError, ValueError, AttributeError):
-        return -1
-
-
 def _prune(root: Path, keep_last: int, run_id: str | None, keep: Path) -> None:
     """Keep the newest `keep_last` complete checkpoints of this run (by step, never `keep`); drop
     leftover partial ones. Checkpoints of other runs are never removed here."""
@@ -177,7 +170,7 @@ def _prune(root: Path, keep_last: int, run_id: str | None, keep: Path) -> None:
             mine.append((int(state.get("step", -1)), path))
     # Checkpoints past the one just written belong to a timeline this run left (it resumed from an
     # older one because they did not verify): they go first.
-    newest = _step_of(keep)
+    newest = checkpoint_step(keep)
     mine.sort(key=lambda sp: (sp[0] <= newest, sp[0]))
     for _, old in mine[:max(0, len(mine) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
@@ -240,7 +233,7 @@ def find_latest(output_dir: str | Path) -> Path | None:
         except (OSError, ValueError, AttributeError):
             run_id = None
     candidates = sorted(
-        ((_step_of(p), p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX)),
+        ((checkpoint_step(p), p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX)),
         key=lambda sp: (sp[0], sp[1].name), reverse=True,
     )
     if run_id is not None and any((_read_state(p) or {}).get("run_id") == run_id for _, p in candidates):

@@ -20,6 +20,14 @@ RUN_FILE = "forgepipe-run.json"
 MODEL_SUBDIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 LOOP_STATE = "loop_state.json"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint directory's loop state records (-1: none or unreadable); no tensors read."""
+    try:
+        return int(json.loads((checkpoint / LOOP_STATE).read_text()).get("step", -1))
+    except (OSError, ValueError, AttributeError):
+        return -1
 CONFIG_FILE = "config.yaml"
 PROFILE_FILE = "flops_profile.txt"
 

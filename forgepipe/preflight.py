@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from forgepipe.config import STAGES, Config, data_share, parse_split
 from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
-from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, MODEL_SUBDIR, RUN_FILE, StageResult
+from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, MODEL_SUBDIR, RUN_FILE, StageResult, checkpoint_step
 from forgepipe.options import label
 
 FULL_SCAN_BYTES = 256 << 20  # larger JSON files: only their first SCAN_LINES lines are read here
@@ -67,14 +67,8 @@ def earlier_run(output_dir: Path) -> str | None:
 
 def last_checkpoint_step(output_dir: Path) -> int:
     """The step of the newest complete checkpoint in `output_dir` (-1: none); reads no tensors."""
-    steps = [-1]
     root = output_dir / CHECKPOINT_DIR
-    for path in root.iterdir() if root.is_dir() else ():
-        try:
-            steps.append(int(json.loads((path / LOOP_STATE).read_text()).get("step", -1)))
-        except (OSError, ValueError, AttributeError):
-            continue
-    return max(steps)
+    return max([checkpoint_step(p) for p in root.iterdir()] if root.is_dir() else [], default=-1)
 
 
 def check_output_dir(cfg: Config) -> None:
