@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from forgepipe.errors import ForgeError
-from forgepipe.generation import TEMPLATES, render_prompt
+from forgepipe.generation import TEMPLATES, render_prompt, resolve_template
 
 DTYPES = ("fp32", "bf16", "fp16")
 DEFAULT_LIMITS = {"max_prompt_len": 256, "max_seq_len": 512}  # the config's defaults (config.DataConfig)
@@ -118,8 +118,7 @@ def interactive(answer: Callable[[list[str]], list[str]], template: str, tokeniz
     """A dialogue on the terminal. With the HH or chat template the turns accumulate (the prompt
     keeps its end within --max-prompt-len, as in training); `/reset` starts over, `exit` or end of
     input stops."""
-    if template == "auto":
-        template = "chat" if tokenizer is not None and tokenizer.chat_template else "hh"
+    template = resolve_template(template, tokenizer)
     history = ""
     turns: list[dict] = []
     click.echo(f"forgepipe chat: type a message; /reset forgets the dialogue, {QUIT[0]} or Ctrl-D stops", err=True)

@@ -27,6 +27,13 @@ HUMAN = "\n\nHuman: "
 TEMPLATES = ("auto", "chat", "hh", "raw")
 
 
+def resolve_template(template: str, tokenizer=None) -> str:
+    """`auto` -> `chat` when the tokenizer has a chat template (the export was trained with it), else `hh`."""
+    if template != "auto":
+        return template
+    return "chat" if tokenizer is not None and tokenizer.chat_template else "hh"
+
+
 def render_prompt(text: str, template: str = "hh", tokenizer=None, history: list[dict] | None = None) -> str:
     """A person's text as a training prompt. `chat`: a user turn (after `history`, a list of
     messages) rendered by the tokenizer's chat template with the assistant header; `hh`: wrapped in
@@ -35,8 +42,7 @@ def render_prompt(text: str, template: str = "hh", tokenizer=None, history: list
     has a chat template (the export was trained with it), else `hh`."""
     if template not in TEMPLATES:
         raise ForgeError(f"--template: {template!r} is not one of {', '.join(TEMPLATES)}")
-    if template == "auto":
-        template = "chat" if tokenizer is not None and tokenizer.chat_template else "hh"
+    template = resolve_template(template, tokenizer)
     if template == "chat":
         if tokenizer is None or not tokenizer.chat_template:
             raise ForgeError("--template chat: the model's tokenizer has no chat template")
