@@ -69,6 +69,10 @@ def _timed(trainer_class):
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the clock reads finished GPU work
             real, computed = self.owner.bench_tokens
             print(f"BENCH_STEP {time.perf_counter() - self.started:.6f} {real} {computed}", flush=True)
 
@@ -132,10 +136,46 @@ def trl_reward(a) -> None:
     trainer.save_model(a.output_dir)
 
 
+def ppo_models(model: Path, out: Path, seed: int = 1234) -> None:
+    """The PPO stage's reward/critic start, made once per benchmark from the actor's base, the same
+    weights for both contenders: a scalar head (seeded init, fp32) on SmolLM2's backbone.
+
+    out/reward          forgepipe's reward export (AutoModelForSequenceClassification, one label)
+    out/dschat-critic   the same weights as DeepSpeed-Chat step 3 loads its critic and reward model
+                        (create_critic_model(rlhf_training=True): config.json + pytorch_model.bin of
+                        RewardModel, `rwtransformer.*` backbone and `v_head.weight`)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    scorer = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    scorer.config.pad_token_id = tokenizer.pad_token_id
+    reward, critic = out / "reward", out / "dschat-critic"
+    scorer.save_pretrained(reward, safe_serialization=True)
+    tokenizer.save_pretrained(reward)
+    critic.mkdir(parents=True, exist_ok=True)
+    state = {f"rwtransformer.{k}": v.clone() for k, v in scorer.model.state_dict().items()}
+    state["v_head.weight"] = scorer.score.weight.detach().clone()
+    torch.save(state, critic / "pytorch_model.bin")
+    config = AutoConfig.from_pretrained(model)
+    config.save_pretrained(critic)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model / name).exists():
+            shutil.copy(model / name, critic / name)
+    print(f"{reward}, {critic}: score head norm {float(scorer.score.weight.detach().norm()):.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("convert-model").add_argument("out", type=Path)
+    p = sub.add_parser("ppo-models", help="reward export + DeepSpeed-Chat critic dir from one seeded head")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=1234)
     for name in ("trl-sft", "trl-reward"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True)
@@ -152,6 +192,8 @@ def main() -> None:
     a = parser.parse_args()
     if a.cmd == "convert-model":
         convert_model(a.out)
+    elif a.cmd == "ppo-models":
+        ppo_models(a.model, a.out, a.seed)
     elif a.cmd == "trl-sft":
         trl_sft(a)
     else:

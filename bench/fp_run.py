@@ -22,6 +22,8 @@ import time
 
 def _clocked(engine, collate, pad_to: int | None):
     """Wrap collate (start of a step) and engine.step (its end) to print one line per step."""
+    import torch
+
     from forgepipe.data.collate import pad
 
     started: dict[str, float | int] = {}
@@ -38,6 +40,8 @@ def _clocked(engine, collate, pad_to: int | None):
 
     def timed_step(*args, **kwargs):
         out = step(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the clock reads finished GPU work, as every contender's does
         if started:
             print(f"BENCH_STEP {time.perf_counter() - started['t']:.6f} {started['real']} {started['computed']}",
                   flush=True)
@@ -84,6 +88,36 @@ def install(order: str, pad_to: int | None) -> None:
     supervised.train_loop = train_loop
 
 
+def install_ppo() -> None:
+    """PPO's clock: one `BENCH_PPO <total s> <generation s> <scoring s> <training s> <generated tokens>`
+    line per iteration (experience batch), as the patched DeepSpeed-Chat step 3 prints it. The PPO
+    loop calls `make_experience` (generation, then the actor/reference/critic/reward forwards, timed
+    inside it with device-synchronised clocks) and `train_on_experience` (losses, backward, steps) by
+    their names in the trainer module; both are wrapped there. Generated tokens: every row's response
+    up to and including its first EOS."""
+    import forgepipe.stages.ppo.trainer as trainer
+    from forgepipe.stages.ppo.experience import _device, wall_clock
+
+    make, train = trainer.make_experience, trainer.train_on_experience
+    began: dict[str, float] = {}
+
+    def make_experience(actor, *args, **kwargs):
+        began["t"] = wall_clock(_device(actor))
+        return make(actor, *args, **kwargs)
+
+    def train_on_experience(actor, critic, exp, *args, **kwargs):
+        device = exp.sequences.device
+        start = wall_clock(device)
+        out = train(actor, critic, exp, *args, **kwargs)
+        end = wall_clock(device)
+        print(f"BENCH_PPO {end - began.get('t', start):.6f} {exp.generation_s:.6f} {exp.scoring_s:.6f} "
+              f"{end - start:.6f} {int(exp.action_mask.sum())}", flush=True)
+        return out
+
+    trainer.make_experience = make_experience
+    trainer.train_on_experience = train_on_experience
+
+
 def main() -> None:
     args = sys.argv[1:]
     order, pad_to = "shuffled", None
@@ -97,6 +131,8 @@ def main() -> None:
             raise SystemExit(f"fp_run: unknown flag {flag}")
     print(f"BENCH_START {time.time():.6f}", flush=True)
     install(order, pad_to)
+    if args and args[0] in ("ppo", "pipeline"):  # the other stages do not import the PPO trainer
+        install_ppo()
     from forgepipe.cli import main as cli_main
 
     sys.argv = ["forgepipe", *args]
