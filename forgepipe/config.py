@@ -124,6 +124,7 @@ class TrainConfig:
     save_every_minutes: float = bounded(0.0, ge=0)
     keep_last: int = bounded(2, ge=1)  # checkpoints kept on disk
     final_checkpoint: bool = True  # the end-of-run checkpoint (optimizer state): what extending a finished run needs
+    compile: bool = False  # torch.compile the trained models (DeepSpeed's engine.compile, dynamic shapes)
     resume: str = "auto"  # auto | never | a checkpoint directory
     peak_tflops: float = bounded(0.0, ge=0)  # per-device peak for MFU (MI250X GCD bf16: 191.5, H100 SXM bf16: 989); 0: off
     dist_timeout_minutes: float = bounded(30.0, gt=0)  # a collective stuck this long aborts the job instead of hanging it

@@ -61,6 +61,9 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--final-checkpoint/--no-final-checkpoint", "train.final_checkpoint",
      "Write a resumable checkpoint (weights and optimizer state) at the end of the run. Without it only the "
      "export is written: a faster end, but the finished run cannot be extended with a larger --max-steps."),
+    ("--compile/--no-compile", "train.compile",
+     "torch.compile the trained models' forward and backward (dynamic shapes; generation stays eager). "
+     "The first steps pay the compilation."),
     ("--peak-tflops", "train.peak_tflops", "Per-device peak TFLOP/s for MFU (MI250X GCD bf16: 191.5)."),
     ("--dist-timeout-minutes", "train.dist_timeout_minutes", "A collective stuck this long aborts the job."),
     ("--resume", "train.resume", "auto (continue from the output dir's checkpoint), never, or a checkpoint dir."),

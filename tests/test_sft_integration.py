@@ -53,6 +53,23 @@ def test_sft_single_process(tiny_model, tmp_path, zero_stage):
     check_export_generates(model_dir)
 
 
+def test_compiled_sft_follows_the_eager_losses(tiny_model, tmp_path):
+    """--compile (engine.compile, dynamic shapes) trains the same numbers as eager mode, its
+    evaluation table generates (eagerly) and its export is an ordinary model."""
+    losses = {}
+    for mode in ("eager", "compiled"):
+        out, db = tmp_path / mode, tmp_path / f"{mode}.db"
+        extra = ["--zero-stage", "2", "--max-steps", "4", "--eval-every", "0", "--eval-generations", "2"]
+        proc = run_forgepipe(sft_args(tiny_model, out, db, *extra, *(["--compile"] if mode == "compiled" else [])))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("torch.compile (dynamic shapes)" in proc.stderr) == (mode == "compiled")
+        client, run = mlflow_run(db)
+        losses[mode] = metric_values(client, run.info.run_id, "sft/loss")
+    assert run.data.params["train.compile"] == "True"
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3), losses
+    check_export_generates(tmp_path / "compiled" / "model")
+
+
 def test_sft_zero3_two_ranks_and_checkpoint_reload(tiny_model, tmp_path):
     out, db = tmp_path / "sft", tmp_path / "mlflow.db"
     proc = run_forgepipe(sft_args(tiny_model, out, db, "--zero-stage", "3", "--per-device-batch-size", "2"), nproc=2)

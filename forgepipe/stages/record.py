@@ -125,6 +125,11 @@ class RunRecord:
         engine = initialize(model, ds_json, weight_decay=t.weight_decay, total_steps=total_steps or 0,
                             warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio)
         engine.forgepipe_lr = ds_json.get("optimizer", {}).get("params", {}).get("lr")  # for recompute_schedule
+        if t.compile and "optimizer" in ds_json:
+            # In place (nn.Module.compile): parameter names, checkpoints and exports are unchanged.
+            # Dynamic shapes: every batch has its own length (dynamic padding, grouping).
+            engine.compile(compile_kwargs={"dynamic": True})
+            log.info("torch.compile (dynamic shapes): the first steps include the compilation")
         return engine
 
     def resume(self, engines: dict[str, Any]) -> None:

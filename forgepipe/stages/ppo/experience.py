@@ -148,7 +148,8 @@ def generate(actor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, eo
     """
     from forgepipe.generation import sampling_settings
 
-    with generation_context(actor, gather) as module:
+    # A compiled model (--compile) decodes eagerly: one token at a time, the shapes change every call.
+    with generation_context(actor, gather) as module, torch.compiler.set_stance("force_eager"):
         return module.generate(
             input_ids=input_ids, attention_mask=attention_mask, **sampling_settings(greedy, temperature, top_p),
             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
