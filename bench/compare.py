@@ -197,7 +197,7 @@ def dschat_cmd(stage: str, model: Path, data: dict[str, Path], out: Path, s: Set
 # (bench/fp_run.py, bench/dschat.patch), device-synchronised.
 
 PPO_MAX_PROMPT = 128
-PPO_MAX_ANSWER = 32  # 64 made a CPU iteration 4 minutes; a GPU run may raise it
+PPO_MAX_ANSWER = 64
 PPO_CRITIC_LR = 5e-6
 
 
@@ -443,6 +443,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     parser.add_argument("--report", type=Path, default=None,
                         help="also write the section to this file, after every run (a machine lent for a fixed time)")
+    parser.add_argument("--logs", type=Path, default=None, help="where each run's log goes (default: --work)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds: start no run that would end after this, judged by the same stage's longest run so far")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO}/mlruns/mlflow.db"))
@@ -462,6 +463,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)  # a given --work is kept, logs and all
         work.mkdir(parents=True, exist_ok=True)
+        if a.logs:
+            a.logs.mkdir(parents=True, exist_ok=True)
         data = write_data(read_pairs(HH), work / "data")
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 2), "PYTHONWARNINGS": "ignore",
                "TOKENIZERS_PARALLELISM": "false", "DSCHAT_MAX_STEPS": str(s.steps),
@@ -496,14 +499,14 @@ def main() -> None:
                         cmd = trl_cmd(stage, a.model, data, out, s)
                     else:
                         cmd = dschat_cmd(stage, a.model, data, out, s)
-                    if stage == "reward" and name in ("forgepipe-pad-to-max", "forgepipe-packing"):
+                    if stage == "reward" and name in ("forgepipe-pad-to-max", "forgepipe-packing", "forgepipe-compiled"):
                         continue
                     longest = max((x.wall_s for x in results if x.stage == stage), default=0.0)
                     if a.deadline and time.monotonic() - began + longest > a.deadline:
                         failed.append(f"{stage}/{name} (round {rnd}: past --deadline)")
                         continue
                     r = run(name, stage, cmd, {**env, "TORCH_EXTENSIONS_DIR": extensions_dir(name)},
-                            work / f"{out.name}.log")
+                            (a.logs or work) / f"{out.name}.log")
                     if r is None:
                         failed.append(f"{stage}/{name}")
                         continue

@@ -12,7 +12,7 @@ depend on their values), unpacks DeepSpeed-Chat with bench/dschat.patch already 
 DeepSpeed's fused Adam once (every contender then uses it, as each does on a GPU by default),
 measures the bf16 matmul peak, and runs compare.py with the machine's python3 standing in for the
 contenders' venv. TRL is not carried. The section goes to $OUT/compare.md after every run and the
-runs' logs to $OUT/logs/.
+runs' logs to $OUT/logs/ as they run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # forgepipe from this tree (not installed on the GPU machine)
 import compare  # noqa: E402  (the benchmark's own module: same data, commands and table)
 import gpu_check  # noqa: E402
 
@@ -106,16 +106,11 @@ def run(a, rest: list[str]) -> int:
         env["TORCH_CUDA_ARCH_LIST"] = op_build_arch_list(env["TORCH_CUDA_ARCH_LIST"])
     deadline = max(60.0, a.deadline - (time.monotonic() - started)) if a.deadline else None
     cmd = [sys.executable, str(REPO / "bench" / "compare.py"), "--model", str(model), "--work", str(work / "runs"),
-           "--report", str(out / "compare.md"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+           "--report", str(out / "compare.md"), "--logs", str(out / "logs"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
            "--peak-tflops", f"{peak:.1f}", "--params", str(params),
            *(["--torch-adam"] if build_error else []), *(["--deadline", f"{deadline:.0f}"] if deadline else []), *rest]
     print("gpu-compare:", " ".join(cmd), flush=True)
-    code = subprocess.run(cmd, env=env).returncode
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    for log in (work / "runs").glob("*.log"):
-        shutil.copy(log, logs / log.name)
-    return code
+    return subprocess.run(cmd, env=env).returncode
 
 
 def main() -> int:
