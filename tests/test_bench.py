@@ -56,6 +56,21 @@ def test_table_medians_and_ratio():
     assert text.splitlines()[-1].endswith("| 2.00x |")  # forgepipe takes half TRL's time per step
 
 
+def test_mfu_counts_six_flops_per_parameter_per_computed_token():
+    s = compare.Settings(peak_tflops=1.0, params=1_000_000)
+    assert compare.mfu(50_000, s) == "30.0%"  # 6 * 1e6 * 5e4 = 3e11 FLOP/s of a 1e12 peak
+    assert compare.mfu(50_000, compare.Settings()) == "-"  # no peak measured: no column value
+
+
+def test_forgepipe_commands_carry_the_levers_and_the_optimizer(tmp_path):
+    data = {"pairs": tmp_path / "pairs.jsonl"}
+    compiled = compare.forgepipe_cmd("sft", "compiled", tmp_path, data, tmp_path / "out", compare.Settings())
+    assert "--compile" in compiled and "--group-by-length" in compiled and "--torch-adam" in compiled
+    fused = compare.forgepipe_cmd("sft", "dynamic", tmp_path, data, tmp_path / "out",
+                                  compare.Settings(optimizer="fused"))
+    assert "--torch-adam" not in fused and "--compile" not in fused
+
+
 def test_write_results_replaces_only_its_section(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Benchmark results\n\n## GPU check\nkept\n")
