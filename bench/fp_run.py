@@ -37,6 +37,7 @@ def _clocked(engine, collate, pad_to: int | None):
         return batch
 
     step = engine.step
+    profile = _Profile.from_env()
 
     def timed_step(*args, **kwargs):
         out = step(*args, **kwargs)
@@ -45,10 +46,55 @@ def _clocked(engine, collate, pad_to: int | None):
         if started:
             print(f"BENCH_STEP {time.perf_counter() - started['t']:.6f} {started['real']} {started['computed']}",
                   flush=True)
+        if profile:
+            profile.after_step()
         return out
 
     engine.step = timed_step  # an instance attribute: only this engine, only this process
     return timed_collate
+
+
+class _Profile:
+    """BENCH_PROFILE=FIRST:LAST:DIR: torch.profiler (CPU and CUDA) over steps FIRST..LAST (1-based),
+    their operator tables written to DIR/profile-<pid>.txt: where a step's host time goes (DeepSpeed's hooks, the
+    model's Python, host syncs) beside the device's busy time. The profiled steps run slower."""
+
+    def __init__(self, first: int, last: int, path: str):
+        self.first, self.last, self.path, self.done, self.prof = first, last, path, 0, None
+
+    @classmethod
+    def from_env(cls):
+        import os
+
+        spec = os.environ.get("BENCH_PROFILE")
+        if not spec:
+            return None
+        first, last, path = spec.split(":", 2)
+        return cls(int(first), int(last), path)
+
+    def after_step(self) -> None:
+        import torch
+
+        self.done += 1
+        if self.done == self.first - 1:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+        elif self.done == self.last and self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            averages = self.prof.key_averages()
+            steps = self.last - self.first + 1
+            import os
+
+            os.makedirs(self.path, exist_ok=True)
+            with open(os.path.join(self.path, f"profile-{os.getpid()}.txt"), "w") as f:
+                f.write(f"steps {self.first}-{self.last} ({steps})\n\nby self CPU time:\n")
+                f.write(averages.table(sort_by="self_cpu_time_total", row_limit=35))
+                if torch.cuda.is_available():
+                    f.write("\n\nby self device time:\n")
+                    f.write(averages.table(sort_by="self_device_time_total", row_limit=25))
 
 
 def _pad_batch(batch, pad_to, pad):
