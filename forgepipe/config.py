@@ -149,6 +149,9 @@ class DeepSpeedConfig:
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     torch_adam: bool = False  # use torch's Adam instead of DeepSpeed's fused/CPU op (no JIT build)
+    # bf16: DeepSpeed's per-parameter inf/NaN check before each step (skips bad steps; ~10 kernels per
+    # parameter and a host sync per step). Off: the gradient norm (computed anyway) stops a diverged run.
+    check_grad_overflow: bool = False
     flops_profiler: bool = False
     profile_step: int = bounded(2, ge=1)  # optimizer step at which the flops profiler reports
 

@@ -124,9 +124,9 @@ def validate_launch(cfg: Config, world: World, *, has_gpu: bool) -> None:
 # The JSON
 
 
-def _dtype_blocks(dtype: str) -> dict[str, Any]:
+def _dtype_blocks(dtype: str, check_grad_overflow: bool) -> dict[str, Any]:
     if dtype == "bf16":
-        return {"bf16": {"enabled": True}}
+        return {"bf16": {"enabled": True, "check_grad_overflow": check_grad_overflow}}
     if dtype == "fp16":
         # loss_scale 0 means dynamic loss scaling.
         return {
@@ -234,7 +234,8 @@ def build_ds_config(
         "train_micro_batch_size_per_gpu": t.per_device_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.per_device_batch_size * accum * world.world_size,
-        **_dtype_blocks(t.dtype),
+        # PPO's loop has no gradient-norm guard (loop.check_grad_norm): it keeps DeepSpeed's check.
+        **_dtype_blocks(t.dtype, ds.check_grad_overflow or cfg.stage == "ppo"),
         "zero_optimization": _zero_block(ds, world, stage=stage, offload=offload, train=train, zeropp=zeropp),
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,

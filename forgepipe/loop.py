@@ -27,6 +27,8 @@ from forgepipe.checkpoint import save_checkpoint
 from forgepipe.config import Config
 from forgepipe.data.collate import length_grouped_order, sample_lengths
 from forgepipe.distributed import World
+from forgepipe.errors import ForgeError
+from forgepipe.options import label
 from forgepipe.signals import Preempted, StopRequest
 from forgepipe.tracking import Tracker
 
@@ -162,6 +164,9 @@ class LoopSettings:
     group_by_length: bool = False  # supervised stages: length_grouped_order instead of epoch_order
     flops_per_token: float = 0.0  # 6N; gives perf/model_tflops_per_s per device
     peak_tflops: float = 0.0  # gives perf/mfu
+    # Stop on a non-finite gradient norm (check_grad_norm) where DeepSpeed does not skip such steps itself:
+    # bf16 without deepspeed.check_grad_overflow (fp16's loss scaler and fp32's norm test do skip them).
+    guard_grad_norm: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> LoopSettings:
@@ -170,7 +175,8 @@ class LoopSettings:
                    grad_accum=t.grad_accum, seed=t.seed, log_every=t.log_every, eval_every=t.eval_every,
                    save_every=t.save_every, save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
                    final_checkpoint=t.final_checkpoint, peak_tflops=t.peak_tflops,
-                   group_by_length=cfg.data.group_by_length)
+                   group_by_length=cfg.data.group_by_length,
+                   guard_grad_norm=t.dtype == "bf16" and not cfg.deepspeed.check_grad_overflow)
 
 
 def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]], run_unit: Callable[[Any], bool],
@@ -243,8 +249,15 @@ class MetricWindow:
 
     def reset(self) -> None:
         self.sums: dict[str, Any] = {}
-        self.micro = self.samples = self.tokens = 0
+        self.micro = self.samples = self.tokens = self.steps = 0
+        self.norm_sum: Any = 0.0
         self.started = time.monotonic()
+
+    def add_step(self, norm: Any) -> None:
+        """One optimizer step's global gradient norm (a device tensor under ZeRO: no sync here)."""
+        if norm is not None:
+            self.norm_sum = self.norm_sum + (norm.detach().float() if torch.is_tensor(norm) else float(norm))
+            self.steps += 1
 
     def add(self, metrics: dict[str, Any], samples: int, tokens: int) -> None:
         for k, v in metrics.items():
@@ -255,14 +268,33 @@ class MetricWindow:
         self.tokens += tokens
 
     def reduce(self) -> tuple[dict[str, float], float, float, float]:
-        """(mean of each metric per micro-batch, samples, tokens, seconds) over all ranks. Collective."""
+        """(mean of each metric per micro-batch, and `grad_norm` per optimizer step, samples, tokens,
+        seconds) over all ranks. Collective."""
         keys = sorted(self.sums)
-        sums = dist.all_reduce_sum([self.micro, self.samples, self.tokens] + [self.sums[k] for k in keys])
+        sums = dist.all_reduce_sum([self.micro, self.samples, self.tokens, self.steps, self.norm_sum]
+                                   + [self.sums[k] for k in keys])
         elapsed = max(1e-9, time.monotonic() - self.started)  # after the sync above
-        micro, samples, tokens = sums[:3]
-        means = {k: v / max(micro, 1.0) for k, v in zip(keys, sums[3:], strict=True)}
+        micro, samples, tokens, steps, norm_sum = sums[:5]
+        means = {k: v / max(micro, 1.0) for k, v in zip(keys, sums[5:], strict=True)}
+        if steps:  # every rank holds the same global norm: the sum over ranks / steps over ranks is its mean
+            means["grad_norm"] = norm_sum / steps
         self.reset()
         return means, samples, tokens, elapsed
+
+
+def check_grad_norm(norm: float | None, step: int) -> None:
+    """A run whose gradient norm is inf or NaN has diverged (its weights are no longer finite, or are
+    about to be): stop it in one line instead of training on. The norm is the one DeepSpeed computes
+    for clipping anyway, read at the log, so no step waits for the host; the last checkpoint is kept."""
+    if norm is not None and not math.isfinite(norm):
+        raise ForgeError(f"the gradient norm is {norm} in the steps up to {step}: training diverged (inf/NaN); "
+                         f"resume from the last checkpoint with a lower {label('train.lr')}, or with "
+                         f"{label('deepspeed.check_grad_overflow')} (bf16: DeepSpeed then skips such steps)")
+
+
+def grad_norm(engine) -> Any:
+    """The last optimizer step's global gradient norm (None when DeepSpeed computed none)."""
+    return engine.get_global_grad_norm()
 
 
 def throughput(samples: float, tokens: float, elapsed: float, world_size: int, s: LoopSettings) -> dict[str, float]:
@@ -312,10 +344,14 @@ def train_loop(
         engine.backward(loss)
         engine.step()
         window.add({"loss": loss, **metrics}, s.micro_batch, tokens)
+        if boundary:
+            window.add_step(grad_norm(engine))
         return boundary
 
     def log(step: int) -> dict[str, str]:
         means, samples, tokens, elapsed = window.reduce()
+        if s.guard_grad_norm:
+            check_grad_norm(means.get("grad_norm"), step)
         record = {f"train/{k}": v for k, v in means.items()}
         record["train/lr"] = engine.get_lr()[0]
         record.update(throughput(samples, tokens, elapsed, world.world_size, s))

@@ -40,6 +40,9 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--quantized-weights/--no-quantized-weights", "deepspeed.quantized_weights", "ZeRO++ qwZ alone."),
     ("--quantized-gradients/--no-quantized-gradients", "deepspeed.quantized_gradients", "ZeRO++ qgZ alone."),
     ("--torch-adam/--no-torch-adam", "deepspeed.torch_adam", "Use torch's AdamW instead of DeepSpeed's op."),
+    ("--check-grad-overflow/--no-check-grad-overflow", "deepspeed.check_grad_overflow",
+     "bf16: DeepSpeed's per-parameter inf/NaN check, which skips a bad step (costs a host sync and ~10 kernels "
+     "per parameter every step). Off by default: a non-finite gradient norm stops the run at the next log."),
     ("--flops-profiler/--no-flops-profiler", "deepspeed.flops_profiler", "Run DeepSpeed's flops profiler."),
     ("--dtype", "train.dtype", "Training precision."),
     ("--per-device-batch-size", "train.per_device_batch_size", "Micro-batch per rank."),

@@ -117,7 +117,7 @@ HONOURED_ON_RESUME = {
     "deepspeed.profile_step", "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters",
     "deepspeed.prefetch_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.reduce_bucket_size",
     "deepspeed.overlap_comm", "deepspeed.contiguous_gradients", "dpo.precompute_ref", "train.final_checkpoint",
-    "train.compile",
+    "train.compile", "deepspeed.check_grad_overflow",
 }
 # Not part of what was trained: never compared.
 NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",

@@ -156,9 +156,13 @@ def test_batch_arithmetic_and_basics():
     assert js["gradient_accumulation_steps"] == 3
     assert js["train_batch_size"] == 4 * 3 * 16 == 192
     assert js["gradient_clipping"] == 0.5
-    assert js["bf16"] == {"enabled": True} and "fp16" not in js
+    # bf16 without DeepSpeed's per-parameter overflow check: the loop's gradient-norm guard stops divergence
+    assert js["bf16"] == {"enabled": True, "check_grad_overflow": False} and "fp16" not in js
+    cfg.deepspeed.check_grad_overflow = True
+    assert build_ds_config(cfg, NODE8_X2)["bf16"]["check_grad_overflow"] is True
     assert js["wall_clock_breakdown"] is False and js["steps_per_print"] >= 10**6
     assert "scheduler" not in js and "flops_profiler" not in js
+    cfg.deepspeed.check_grad_overflow = False
     zero = js["zero_optimization"]
     assert zero["stage"] == 2 and zero["allgather_bucket_size"] == 500_000_000
     assert "stage3_max_live_parameters" not in zero and "offload_optimizer" not in zero
@@ -298,3 +302,8 @@ def test_deepspeed_reads_our_keys(one_rank):
     assert parsed.float16_config.enabled and parsed.float16_config.loss_scale == 0
     assert not parsed.bfloat16_config.enabled
     assert parsed.optimizer_name == "adamw" and parsed.scheduler_name is None
+
+
+def test_ppo_keeps_deepspeeds_overflow_check():
+    """PPO's loop has no gradient-norm guard: its bf16 engines keep DeepSpeed's check (skips bad steps)."""
+    assert build_ds_config(make("ppo", zero_stage=2), NODE8_X2)["bf16"]["check_grad_overflow"] is True

@@ -7,8 +7,11 @@ import pytest
 from forgepipe.config import build_config
 from forgepipe.distributed import World
 from forgepipe.engine import lr_factor
+from forgepipe.errors import ForgeError
 from forgepipe.loop import (
     LoopSettings,
+    MetricWindow,
+    check_grad_norm,
     checkpoint_due,
     epoch_micro_batches,
     epoch_order,
@@ -103,3 +106,30 @@ def test_the_final_checkpoint_is_written_only_when_asked(final, expected):
     drive(state=state, total=4, units=lambda epoch: list(range(8)), run_unit=lambda unit: True, log=lambda step: {},
           evaluate=None, checkpoint=lambda: saved.append(state.step), settings=s, stop=None, world=World(), desc="t")
     assert state.step == 4 and saved == expected
+
+
+def test_the_window_averages_the_gradient_norm_per_optimizer_step():
+    import torch
+
+    window = MetricWindow(torch.device("cpu"))
+    for loss, norm in ((2.0, 1.0), (4.0, None), (6.0, torch.tensor(3.0))):  # None: no norm computed
+        window.add({"loss": torch.tensor(loss)}, samples=4, tokens=10)
+        window.add_step(norm)
+    means, samples, tokens, _ = window.reduce()
+    assert means == {"loss": 4.0, "grad_norm": 2.0} and (samples, tokens) == (12, 30)
+    assert "grad_norm" not in MetricWindow(torch.device("cpu")).reduce()[0]  # no step, no norm
+
+
+@pytest.mark.parametrize("norm", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_norm_stops_the_run_in_one_line(norm):
+    check_grad_norm(2.5, step=7)
+    check_grad_norm(None, step=7)
+    with pytest.raises(ForgeError, match=r"gradient norm is (inf|nan) in the steps up to 7: training diverged"):
+        check_grad_norm(norm, step=7)
+
+
+@pytest.mark.parametrize("dtype, check, guarded", [("fp32", False, False), ("bf16", False, True),
+                                                   ("bf16", True, False), ("fp16", False, False)])
+def test_the_guard_is_on_where_deepspeed_does_not_skip_bad_steps(dtype, check, guarded):
+    cfg = build_config("sft", None, {"train.dtype": dtype, "deepspeed.check_grad_overflow": check})
+    assert LoopSettings.from_config(cfg).guard_grad_norm is guarded

@@ -140,3 +140,21 @@ def test_sft_on_real_hh_sample(tiny_model, tmp_path):
     client, run = mlflow_run(db)
     assert int(run.data.params["data.train_samples"]) > 50
     assert torch.isfinite(torch.tensor(metric_values(client, run.info.run_id, "sft/loss"))).all()
+
+
+def test_a_diverged_bf16_run_stops_on_its_gradient_norm(tiny_model, tmp_path):
+    """bf16 runs skip DeepSpeed's per-parameter overflow check by default; a run whose gradient norm
+    is no longer finite stops at the next log in one line. With --check-grad-overflow DeepSpeed
+    skips those steps instead, and the run goes on."""
+    diverging = ["--dtype", "bf16", "--zero-stage", "2", "--lr", "1e30", "--max-steps", "4", "--eval-generations", "0"]
+    out, db = tmp_path / "guarded", tmp_path / "guarded.db"
+    proc = run_forgepipe([*sft_args(tiny_model, out, db), *diverging])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("forgepipe: error: the gradient norm is") and "training diverged" in last, last
+    assert not (out / "model").exists()
+
+    out, db = tmp_path / "checked", tmp_path / "checked.db"
+    proc = run_forgepipe([*sft_args(tiny_model, out, db), *diverging, "--check-grad-overflow"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OVERFLOW! Skipping step" in proc.stderr + proc.stdout
