@@ -86,3 +86,15 @@ gpu-check: ## Check a GPU machine: SFT/reward/PPO at ZeRO-2/3 on the FORGE-s sha
 	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 gpu-wheels: ## Fetch wheels (.whl/) of the packages a CUDA/ROCm box without an index lacks, for gpu-check
 	bench/gpu_wheels.sh .whl
+
+# The comparison on a GPU machine: `make gpu-bench-bundle` here (needs the bench env), carry .whl/ and
+# .gpu-bench/, then `make gpu-bench` there. The default contenders test the H200 profile's reading
+# (forgepipe at DeepSpeed-Chat's fixed shapes beside both); OUT and GPU_BENCH_ARGS override.
+OUT ?= bench/gpu-bench
+GPU_BENCH_ARGS ?= --deadline 520 --dtype bf16 --max-len 256 --batch 4 --steps 30 --warmup 5 --rounds 2 \
+	--stages sft,reward,ppo --contenders forgepipe-pad-to-max,dschat,forgepipe
+.PHONY: gpu-bench gpu-bench-bundle
+gpu-bench-bundle: install ## Pack what bench/gpu_compare.py needs on a GPU machine into .gpu-bench/ (DeepSpeed-Chat, SmolLM2 config, HH)
+	BENCH_ENV=$(BENCH_ENV) $(PY) bench/gpu_compare.py bundle
+gpu-bench: ## forgepipe vs DeepSpeed-Chat on a GPU machine (bench/gpu_compare.py run; table and logs in $(OUT))
+	$(GPU_PY) bench/gpu_compare.py run --out $(OUT) $(GPU_BENCH_ARGS)
