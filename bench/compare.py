@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]  # BENCH_FORGEPIPE_SRC: benchmark ano
 BENCH_ENV = Path(os.environ.get("BENCH_ENV", "/work/bench-env"))
 HH = Path(os.environ.get("BENCH_DATA", REPO.parent / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl.gz"))
 # The contenders' Python and DeepSpeed-Chat tree; a GPU machine without the benchmark venv points
-# both elsewhere (bench/gpu_compare.sh: the machine's python3, DeepSpeed-Chat unpacked in scratch).
+# both elsewhere (bench/gpu_compare.py: the machine's python3, DeepSpeed-Chat unpacked in scratch).
 CONTENDER_PYTHON = os.environ.get("BENCH_CONTENDER_PYTHON") or str(BENCH_ENV / "venv" / "bin" / "python")
 DSCHAT = Path(os.environ.get("BENCH_DSCHAT") or BENCH_ENV / "dschat")
 ASSISTANT = "\n\nAssistant:"
@@ -137,6 +137,16 @@ def write_data(rows: list[dict[str, str]], out: Path, eval_rows: int = 8) -> dic
 # Commands
 
 
+def adam_args(s: Settings) -> list[str]:
+    """forgepipe's optimizer flag: torch AdamW unless every contender uses DeepSpeed's fused Adam (GPUs)."""
+    return ["--torch-adam"] if s.optimizer == "torch" else []
+
+
+def medians(groups: dict) -> dict:
+    """Per group of run summaries: the median of every figure over the runs, and their count `n`."""
+    return {k: {m: statistics.median(x[m] for x in v) for m in v[0]} | {"n": len(v)} for k, v in groups.items()}
+
+
 def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
     levers = {"dynamic": [], "grouped": [], "pad-to-max": ["--pad-to", str(s.max_len)],
               "packing": [], "no-final-checkpoint": [], "compiled": []}[variant]
@@ -144,7 +154,7 @@ def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], 
             "--data-split", "1,0,0" if stage == "sft" else "0,1,0", "--eval-fraction", "0.01",
             "--eval-max-samples", "8", "--eval-every", "0", "--output-dir", str(out),
             "--tracking-uri", f"sqlite:///{out.parent / 'fp-mlflow.db'}", "--run-name", out.name,
-            "--dtype", s.dtype, *(["--torch-adam"] if s.optimizer == "torch" else []), "--zero-stage", str(s.zero), "--per-device-batch-size", str(s.batch),
+            "--dtype", s.dtype, *adam_args(s), "--zero-stage", str(s.zero), "--per-device-batch-size", str(s.batch),
             "--max-steps", str(s.steps), "--max-seq-len", str(s.max_len), "--lr", str(s.lr), "--seed", str(s.seed),
             "--log-every", "1", "--resume", "never", "--cache-dir", str(out / "cache"),
             "--chat-template", "none"]  # SmolLM2-Instruct has one; DeepSpeed-Chat and TRL read the HH text as is
@@ -236,7 +246,7 @@ def ppo_cmd(name: str, model: Path, work: Path, out: Path, s: Settings) -> list[
                 "--reward", str(i["reward"]), "--data", str(i["pairs"]), "--data-split", "0,0,1",
                 "--eval-fraction", "0", "--eval-prompts", "0", "--eval-generations", "0", "--eval-every", "0",
                 "--output-dir", str(out), "--tracking-uri", f"sqlite:///{out.parent / 'fp-mlflow.db'}",
-                "--run-name", out.name, "--dtype", s.dtype, *(["--torch-adam"] if s.optimizer == "torch" else []),
+                "--run-name", out.name, "--dtype", s.dtype, *adam_args(s),
                 "--zero-stage", str(s.zero), "--critic-zero-stage", str(s.zero), "--ref-zero-stage", "0",
                 "--per-device-batch-size", str(s.batch), "--generation-batch-size", str(s.batch),
                 "--ppo-epochs", "1", "--max-steps", str(s.steps), "--max-prompt-len", str(PPO_MAX_PROMPT),
@@ -278,7 +288,7 @@ def ppo_table(results: list[Result], s: Settings) -> str:
     groups: dict[str, list[dict[str, float]]] = {}
     for r in results:
         groups.setdefault(r.contender, []).append(ppo_summary(r, s.warmup))
-    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} | {"n": len(v)} for k, v in groups.items()}
+    med = medians(groups)
     base = med.get("forgepipe")
     lines = ["| stage | contender | runs | s/iteration | generation s | scoring s | training s | generated tok/iteration "
              "| generated tok/s | first iteration s | after last iteration s | wall s | peak RSS MiB "
@@ -380,7 +390,7 @@ def table(results: list[Result], s: Settings) -> str:
     groups: dict[tuple[str, str], list[dict[str, float]]] = {}
     for r in results:
         groups.setdefault((r.stage, r.contender), []).append(r.summary(s.warmup, s.batch))
-    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} | {"n": len(v)} for k, v in groups.items()}
+    med = medians(groups)
     lines = ["| stage | contender | runs | s/step | samples/s | real tok/s | computed tok/s | real share "
              "| first step s | after last step s | wall s | peak RSS MiB | MFU | forgepipe / this (samples/s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -16,6 +16,7 @@ of forgepipe changes.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -64,8 +65,6 @@ class _Profile:
 
     @classmethod
     def from_env(cls):
-        import os
-
         spec = os.environ.get("BENCH_PROFILE")
         if not spec:
             return None
@@ -85,12 +84,9 @@ class _Profile:
         elif self.done == self.last and self.prof is not None:
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
-            steps = self.last - self.first + 1
-            import os
-
             os.makedirs(self.path, exist_ok=True)
             with open(os.path.join(self.path, f"profile-{os.getpid()}.txt"), "w") as f:
-                f.write(f"steps {self.first}-{self.last} ({steps})\n\nby self CPU time:\n")
+                f.write(f"steps {self.first}-{self.last} ({self.last - self.first + 1})\n\nby self CPU time:\n")
                 f.write(averages.table(sort_by="self_cpu_time_total", row_limit=35))
                 if torch.cuda.is_available():
                     f.write("\n\nby self device time:\n")

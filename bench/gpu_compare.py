@@ -3,7 +3,7 @@
 Two halves, one file:
 
     python bench/gpu_compare.py bundle                 # here: .gpu-bench/ (DeepSpeed-Chat tree, SmolLM2's
-                                                       # config and tokenizer, the HH sample), ~2 MB
+                                                       # config and tokenizer, the HH sample), ~4 MiB
     python3 bench/gpu_compare.py run --out $OUT --deadline 420 [compare.py args...]   # on the GPU machine
 
 `run` installs the wheels of `make gpu-wheels` (.whl/) as gpu_check does, makes SmolLM2-135M's
@@ -18,7 +18,7 @@ runs' logs to $OUT/logs/ as they run.
 from __future__ import annotations
 
 import argparse
-import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -65,10 +65,7 @@ def random_model(source: Path, out: Path, seed: int = 0) -> int:
     for name in MODEL_FILES:
         if (source / name).exists() and name != "config.json":
             shutil.copy(source / name, out / name)
-    config_text = (out / "config.json").read_text()
-    import json
-
-    data = json.loads(config_text)
+    data = json.loads((out / "config.json").read_text())
     data["_name_or_path"] = str(out)  # DeepSpeed-Chat reloads the tokenizer from this field
     (out / "config.json").write_text(json.dumps(data, indent=2))
     return sum(p.numel() for p in model.parameters())
@@ -88,9 +85,7 @@ def run(a, rest: list[str]) -> int:
     build = gpu_check.start_op_build(gpu)
     with tarfile.open(a.bundle / "dschat.tar.gz") as tar:
         tar.extractall(work, filter="data")
-    hh = work / compare.HH.name
-    with gzip.open(a.bundle / compare.HH.name) as src, gzip.open(hh, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    hh = a.bundle / compare.HH.name  # read in place: compare.py only reads it
     model = work / "smollm2-135m-random-init"
     params = random_model(a.bundle / "smollm2-135m", model)
     peak = gpu_check.measure_peak_tflops("cuda" if gpu else "cpu")

@@ -20,6 +20,8 @@ RUN_FILE = "forgepipe-run.json"
 MODEL_SUBDIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 LOOP_STATE = "loop_state.json"
+CONFIG_FILE = "config.yaml"
+PROFILE_FILE = "flops_profile.txt"
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -28,8 +30,6 @@ def checkpoint_step(checkpoint: Path) -> int:
         return int(json.loads((checkpoint / LOOP_STATE).read_text()).get("step", -1))
     except (OSError, ValueError, AttributeError):
         return -1
-CONFIG_FILE = "config.yaml"
-PROFILE_FILE = "flops_profile.txt"
 
 
 def share_with_group() -> None:

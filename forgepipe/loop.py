@@ -253,16 +253,20 @@ class MetricWindow:
         self.norm_sum: Any = 0.0
         self.started = time.monotonic()
 
+    @staticmethod
+    def _summable(v: Any) -> Any:
+        """A device tensor stays on the device (no sync); anything else becomes a float."""
+        return v.detach().float() if torch.is_tensor(v) else float(v)
+
     def add_step(self, norm: Any) -> None:
         """One optimizer step's global gradient norm (a device tensor under ZeRO: no sync here)."""
         if norm is not None:
-            self.norm_sum = self.norm_sum + (norm.detach().float() if torch.is_tensor(norm) else float(norm))
+            self.norm_sum = self.norm_sum + self._summable(norm)
             self.steps += 1
 
     def add(self, metrics: dict[str, Any], samples: int, tokens: int) -> None:
         for k, v in metrics.items():
-            v = v.detach().float() if torch.is_tensor(v) else float(v)
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.sums[k] = self.sums.get(k, 0.0) + self._summable(v)
         self.micro += 1
         self.samples += samples
         self.tokens += tokens
@@ -290,11 +294,6 @@ def check_grad_norm(norm: float | None, step: int) -> None:
         raise ForgeError(f"the gradient norm is {norm} in the steps up to {step}: training diverged (inf/NaN); "
                          f"resume from the last checkpoint with a lower {label('train.lr')}, or with "
                          f"{label('deepspeed.check_grad_overflow')} (bf16: DeepSpeed then skips such steps)")
-
-
-def grad_norm(engine) -> Any:
-    """The last optimizer step's global gradient norm (None when DeepSpeed computed none)."""
-    return engine.get_global_grad_norm()
 
 
 def throughput(samples: float, tokens: float, elapsed: float, world_size: int, s: LoopSettings) -> dict[str, float]:
@@ -345,7 +344,7 @@ def train_loop(
         engine.step()
         window.add({"loss": loss, **metrics}, s.micro_batch, tokens)
         if boundary:
-            window.add_step(grad_norm(engine))
+            window.add_step(engine.get_global_grad_norm())  # None when DeepSpeed computed none
         return boundary
 
     def log(step: int) -> dict[str, str]:
