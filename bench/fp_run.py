@@ -56,7 +56,8 @@ def _clocked(engine, collate, pad_to: int | None):
 
 
 class _Profile:
-    """BENCH_PROFILE=FIRST:LAST:DIR: torch.profiler (CPU and CUDA) over steps FIRST..LAST (1-based),
+    """BENCH_PROFILE=FIRST:LAST:DIR: torch.profiler (CPU and CUDA) over steps FIRST..LAST (1-based,
+    FIRST >= 2: the profiler starts when step FIRST-1 ends),
     their operator tables written to DIR/profile-<pid>.txt: where a step's host time goes (DeepSpeed's hooks, the
     model's Python, host syncs) beside the device's busy time. The profiled steps run slower."""
 
