@@ -93,6 +93,9 @@ class DataConfig:
     max_prompt_len: int = bounded(256, ge=1)  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
     packing: bool = False  # pack several short SFT samples into one sequence
     group_by_length: bool = False  # micro-batches of like-length samples (less padding; seeded, resumable)
+    # Batch lengths rounded up to a multiple of this (1: the longest row). On GPUs a few lengths instead of
+    # one per step spare the per-shape work: cuDNN attention plans, torch.compile's recompiles.
+    pad_to_multiple_of: int = bounded(1, ge=1)
     chat_template: str = "auto"  # auto (the tokenizer's, else HH text) | none (HH text) | a Jinja file
     train_on_all_turns: bool = False  # SFT loss on every assistant turn of a conversation, not only the last
     cache_dir: str | None = None  # tokenized cache; default: <output_dir>/.cache

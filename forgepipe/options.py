@@ -18,6 +18,9 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--group-by-length/--no-group-by-length", "data.group_by_length",
      "Put samples of similar length in the same micro-batch (less padding; the order is still seeded by "
      "--seed and the epoch, so a resume continues exactly)."),
+    ("--pad-to-multiple-of", "data.pad_to_multiple_of",
+     "Round every batch's length up to a multiple of this (1: to its longest row). On GPUs, e.g. 64: a few "
+     "batch shapes instead of a new one almost every step (cuDNN attention plans, --compile)."),
     ("--chat-template", "data.chat_template",
      "auto: the tokenizer's chat template when it has one, else forgepipe's '\\n\\nHuman: ...\\n\\nAssistant:' "
      "text; none: that text always; or a Jinja template file (saved with the export)."),

@@ -13,6 +13,7 @@ from forgepipe.models.reward_model import last_token_scores, load_scalar_model
 from forgepipe.stages.ppo.experience import (
     Experience,
     actor_logprobs,
+    keeps_logits,
     make_experience,
     position_ids_from_mask,
     response_mask,
@@ -69,6 +70,30 @@ def test_logprobs_do_not_depend_on_left_padding(tiny_model):
     manual = torch.log_softmax(logits, -1)[[2, 3], [14, 15]]
     assert_close(plain[0], manual, atol=1e-5, rtol=1e-5)
     assert_close(left, plain, atol=1e-5, rtol=1e-5)
+
+
+class AllLogits(torch.nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep` (as some remote-code models)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache)
+
+
+def test_logprobs_are_the_same_with_and_without_logits_to_keep(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    seq = torch.tensor([[PAD, PAD, 11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26, 27, 28]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    assert keeps_logits(model) and not keeps_logits(AllLogits(model))
+    with torch.no_grad():
+        kept = actor_logprobs(model, seq, mask, 5)
+        full = actor_logprobs(AllLogits(model), seq, mask, 5)
+    assert kept.shape == (2, 3)
+    assert_close(kept, full, atol=1e-5, rtol=1e-5)
 
 
 def test_retokenize_with_the_same_tokenizer_is_the_identity_plus_eos(tiny_model):

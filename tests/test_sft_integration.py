@@ -127,18 +127,21 @@ teardown()
 '''
 
 
-def test_sft_on_real_hh_sample(tiny_model, tmp_path):
+def test_packed_sft_on_real_hh_sample(tiny_model, tmp_path):
+    """Packing and lengths rounded to a multiple, through the CLI on real data (their numbers:
+    test_sft_packing.py)."""
     from conftest import HH_SAMPLE
 
     if not HH_SAMPLE.is_file():
         pytest.skip(f"real data sample not present at {HH_SAMPLE}")
     out, db = tmp_path / "sft", tmp_path / "mlflow.db"
-    args = sft_args(tiny_model, out, db, "--zero-stage", "2")
+    args = sft_args(tiny_model, out, db, "--zero-stage", "2", "--packing", "--pad-to-multiple-of", "64")
     args[args.index(str(SAMPLE_PAIRS))] = str(HH_SAMPLE)
     proc = run_forgepipe(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, run = mlflow_run(db)
-    assert int(run.data.params["data.train_samples"]) > 50
+    assert run.data.params["data.packing"] == "True" and run.data.params["data.pad_to_multiple_of"] == "64"
+    assert int(run.data.params["data.train_samples"]) > 20  # packed rows of up to 192 tokens
     assert torch.isfinite(torch.tensor(metric_values(client, run.info.run_id, "sft/loss"))).all()
 
 

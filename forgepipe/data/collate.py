@@ -169,10 +169,9 @@ def padding_stats(batches: Sequence[Sequence[int]], lengths: Sequence[int],
 def pack_sequences(ds: datasets.Dataset, max_seq_len: int, batch_size: int = 1000) -> datasets.Dataset:
     """Greedy packing of tokenized SFT rows (in order) into rows of at most max_seq_len ids.
 
-    position_ids restart at 0 for each sample. Caveat: only attention implementations that read
-    packed position_ids (transformers' flash-attention path) keep samples from attending to each
-    other; with eager/sdpa attention the samples of a row see their predecessors. Packing happens
-    within each map batch of `batch_size` rows.
+    position_ids restart at 0 for each sample; the SFT loss (stages/sft.py: model_inputs) hands
+    them to the model without the 2D mask, so no sample attends to another with any attention
+    implementation. Packing happens within each map batch of `batch_size` rows.
     """
     return ds.map(
         _pack_batch,

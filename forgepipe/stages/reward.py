@@ -83,7 +83,7 @@ def prepare(cfg: Config, tokenizer, train_raw, eval_raw, cache_dir: str) -> Prep
 
     train, dropped = tokenize(train_raw)
     held_out, eval_dropped = tokenize(eval_raw) if len(eval_raw) else (None, 0)
-    return Prepared(train, held_out, PairCollator(tokenizer.pad_token_id),
+    return Prepared(train, held_out, PairCollator(tokenizer.pad_token_id, d.pad_to_multiple_of),
                     {"data.train_pairs": len(train), "data.eval_pairs": len(held_out or []),
                      "data.identical_pairs_dropped": dropped + eval_dropped})
 

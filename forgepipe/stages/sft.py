@@ -25,16 +25,25 @@ TABLE_FILE = "sft_eval/generations.json"
 CONSOLE_ROWS = 3
 
 
+def model_inputs(batch) -> dict:
+    """The forward's arguments for a collated SFT batch. A packed batch (it has position_ids)
+    goes without its 2D attention mask: transformers then builds the block-diagonal causal mask
+    from the restarting position_ids (eager and sdpa; flash attention reads them as varlen), so
+    no packed sample attends to the one before it. It only does so without a KV cache, which
+    training never needs."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def lm_loss(engine, batch):
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 labels=batch["labels"], **({"position_ids": batch["position_ids"]} if "position_ids" in batch else {}))
-    return out.loss, {}
+    return engine(**model_inputs(batch), labels=batch["labels"]).loss, {}
 
 
 def _lm_sums(engine, host, batch) -> list:
     """[summed token NLL, tokens]: the loss is a mean over the batch's predicted tokens, counted on the host."""
     n = float((host["labels"][:, 1:] != -100).sum())
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out = engine(**model_inputs(batch), labels=batch["labels"])
     return [out.loss.detach().double() * n, n]
 
 
@@ -53,7 +62,7 @@ def prepare(cfg: Config, tokenizer, train_raw, eval_raw, cache_dir: str) -> Prep
                 if len(eval_raw) else None)
     if d.packing:
         train = pack_sequences(train, d.max_seq_len)
-    return Prepared(train, held_out, SFTCollator(tokenizer.pad_token_id),
+    return Prepared(train, held_out, SFTCollator(tokenizer.pad_token_id, d.pad_to_multiple_of),
                     {"data.train_samples": len(train), "data.eval_samples": len(held_out) if held_out else 0})
 
 

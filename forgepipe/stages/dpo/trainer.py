@@ -72,8 +72,8 @@ class DPOCollator:
     `response_mask` (1 on each row's response and EOS: the tokens scored) and, when precomputed, the
     reference's summed log-probs of each side."""
 
-    def __init__(self, pad_token_id: int):
-        self.pairs = PairCollator(pad_token_id)
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pairs = PairCollator(pad_token_id, pad_to_multiple_of)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.pairs(features)
@@ -219,7 +219,7 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> DPOInputs:
 
     train, dropped = tokenize(train_raw)
     held_out, eval_dropped = tokenize(eval_raw) if len(eval_raw) else (None, 0)
-    data = Prepared(train, held_out, DPOCollator(tokenizer.pad_token_id),
+    data = Prepared(train, held_out, DPOCollator(tokenizer.pad_token_id, d.pad_to_multiple_of),
                     {"data.train_pairs": len(train), "data.eval_pairs": len(held_out or []),
                      "data.identical_pairs_dropped": dropped + eval_dropped, "dpo.reference": kind})
     steps = total_steps(len(train), ctx.world.world_size, LoopSettings.from_config(cfg))

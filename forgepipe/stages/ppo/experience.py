@@ -16,6 +16,7 @@ generate independently, much faster, as long as one full copy of the actor fits 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import dataclass, fields
 
@@ -79,12 +80,23 @@ def actor_logprobs(actor, sequences: torch.Tensor, attention_mask: torch.Tensor,
     The logits are divided by the sampling temperature, so that log-probs describe the
     distribution the tokens were actually sampled from (OpenRLHF does the same).
     """
+    keep = sequences.shape[1] - prompt_len + 1  # the positions that predict the response, and the last
     out = actor(input_ids=sequences, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    logits = response_slice(out.logits, prompt_len)
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                **({"logits_to_keep": keep} if keeps_logits(actor) else {}))
+    logits = out.logits[:, -keep:-1]  # = response_slice(all logits, prompt_len)
     if temperature != 1.0:
         logits = logits / temperature
     return logprobs_from_logits(logits, sequences[:, prompt_len:])
+
+
+def keeps_logits(model) -> bool:
+    """Whether the causal LM under the engine (and PEFT) takes `logits_to_keep`: then the prompt's
+    positions skip the LM head and the vocabulary-wide softmax (transformers' models do; remote code
+    may not)."""
+    module = getattr(model, "module", model)
+    module = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
 def critic_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

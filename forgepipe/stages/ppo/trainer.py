@@ -397,10 +397,11 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
     p, i, m, world, state = cfg.ppo, inputs, models, run.world, run.state
     zero3 = m.actor.zero_optimization_partition_weights()
     gather = zero3 and p.gather_for_generation
-    collate = PromptCollator(i.tokenizer.pad_token_id)
+    multiple = cfg.data.pad_to_multiple_of
+    collate = PromptCollator(i.tokenizer.pad_token_id, multiple)
     ptx_batches = None
     if i.ptx_data is not None:
-        ptx_batches = ptx_stream(i.ptx_data, SFTCollator(i.tokenizer.pad_token_id), cfg, world,
+        ptx_batches = ptx_stream(i.ptx_data, SFTCollator(i.tokenizer.pad_token_id, multiple), cfg, world,
                                  start=state.step * p.ppo_epochs * i.micro_batches)
     per_epoch = len(i.prompts) // (world.world_size * i.generation_batch)
     window: dict[str, Any] = {}
