@@ -89,10 +89,11 @@ gpu-wheels: ## Fetch wheels (.whl/) of the packages a CUDA/ROCm box without an i
 
 # The comparison on a GPU machine: `make gpu-bench-bundle` here (needs the bench env), carry .whl/ and
 # .gpu-bench/, then `make gpu-bench` there. The default contenders test the H200 profile's reading
-# (forgepipe at DeepSpeed-Chat's fixed shapes beside both); OUT and GPU_BENCH_ARGS override.
+# (forgepipe at DeepSpeed-Chat's fixed shapes, and with lengths rounded to 64, beside both); OUT and
+# GPU_BENCH_ARGS override.
 OUT ?= bench/gpu-bench
 GPU_BENCH_ARGS ?= --deadline 520 --dtype bf16 --max-len 256 --batch 4 --steps 30 --warmup 5 --rounds 2 \
-	--stages sft,reward,ppo --contenders forgepipe-pad-to-max,dschat,forgepipe
+	--stages sft,reward,ppo --contenders forgepipe-pad-to-max,dschat,forgepipe-multiple-64,forgepipe
 .PHONY: gpu-bench gpu-bench-bundle
 gpu-bench-bundle: install ## Pack what bench/gpu_compare.py needs on a GPU machine into .gpu-bench/ (DeepSpeed-Chat, SmolLM2 config, HH)
 	BENCH_ENV=$(BENCH_ENV) $(PY) bench/gpu_compare.py bundle

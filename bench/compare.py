@@ -148,8 +148,6 @@ def medians(groups: dict) -> dict:
 
 
 def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
-    levers = {"dynamic": [], "grouped": [], "pad-to-max": ["--pad-to", str(s.max_len)],
-              "packing": [], "no-final-checkpoint": [], "compiled": []}[variant]
     args = [stage, "--model", str(model), "--data", str(data["pairs"]),
             "--data-split", "1,0,0" if stage == "sft" else "0,1,0", "--eval-fraction", "0.01",
             "--eval-max-samples", "8", "--eval-every", "0", "--output-dir", str(out),
@@ -158,15 +156,14 @@ def forgepipe_cmd(stage: str, variant: str, model: Path, data: dict[str, Path], 
             "--max-steps", str(s.steps), "--max-seq-len", str(s.max_len), "--lr", str(s.lr), "--seed", str(s.seed),
             "--log-every", "1", "--resume", "never", "--cache-dir", str(out / "cache"),
             "--chat-template", "none"]  # SmolLM2-Instruct has one; DeepSpeed-Chat and TRL read the HH text as is
-    if variant == "packing":
-        args.append("--packing")
-    if variant == "grouped":  # the landed lever (data.group_by_length), no longer fp_run's --order swap
-        args.append("--group-by-length")
-    if variant == "no-final-checkpoint":  # the end-of-run lever: export only, no optimizer state written
-        args.append("--no-final-checkpoint")
-    if variant == "compiled":  # torch.compile on top of length grouping
-        args += ["--group-by-length", "--compile"]
-    return [sys.executable, str(REPO / "bench" / "fp_run.py"), *levers, *args]
+    args += {"dynamic": [],  # padding to each batch's longest row, the default
+             "grouped": ["--group-by-length"],
+             "pad-to-max": ["--pad-to-multiple-of", str(s.max_len)],  # DeepSpeed-Chat's padding="max_length"
+             "multiple-64": ["--pad-to-multiple-of", "64"],  # a few batch shapes (GPUs: cuDNN plans)
+             "packing": ["--packing"],
+             "no-final-checkpoint": ["--no-final-checkpoint"],  # export only, no optimizer state written
+             "compiled": ["--group-by-length", "--compile"]}[variant]
+    return [sys.executable, str(REPO / "bench" / "fp_run.py"), *args]
 
 
 def trl_cmd(stage: str, model: Path, data: dict[str, Path], out: Path, s: Settings) -> list[str]:
@@ -443,7 +440,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=Settings.warmup)
     parser.add_argument("--dtype", default=Settings.dtype, help="bf16 on GPUs; fp32 on CPUs without bf16 units")
     parser.add_argument("--contenders", default="forgepipe,dschat,trl",
-                        help="forgepipe[-grouped|-pad-to-max|-packing|-no-final-checkpoint|-compiled], dschat, trl")
+                        help="forgepipe[-grouped|-pad-to-max|-multiple-64|-packing|-no-final-checkpoint|-compiled], dschat, trl")
     parser.add_argument("--model", type=Path, default=BENCH_ENV / "models" / "smollm2-135m")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory, kept (default: a temporary one)")
     parser.add_argument("--torch-adam", action="store_true",
@@ -509,7 +506,7 @@ def main() -> None:
                         cmd = trl_cmd(stage, a.model, data, out, s)
                     else:
                         cmd = dschat_cmd(stage, a.model, data, out, s)
-                    if stage == "reward" and name in ("forgepipe-pad-to-max", "forgepipe-packing", "forgepipe-compiled"):
+                    if stage == "reward" and name in ("forgepipe-packing", "forgepipe-compiled"):
                         continue
                     longest = max((x.wall_s for x in results if x.stage == stage), default=0.0)
                     if a.deadline and time.monotonic() - began + longest > a.deadline:

@@ -1,17 +1,13 @@
-"""forgepipe's CLI with the benchmark's step clock and the levers not yet wired to config/CLI.
+"""forgepipe's CLI with the benchmark's step clock.
 
-    python bench/fp_run.py [--order grouped] [--pad-to 256] sft --model ... (the usual CLI arguments)
+    python bench/fp_run.py sft --model ... (the usual CLI arguments)
 
 The step clock prints one `BENCH_STEP <seconds> <real tokens> <computed tokens>` line per
 optimizer step (grad accumulation 1), measured as bench/contenders.py measures TRL and the patched
 DeepSpeed-Chat measures itself: from the collation of the batch to the end of `engine.step()`.
-
-Levers that are not forgepipe options (bench/compare.py's forgepipe-grouped now passes the real
-`--group-by-length`):
-  --order grouped   the loop's epoch order comes from `length_grouped_order` (forgepipe/data/collate.py)
-  --pad-to N        every batch padded to N tokens (DeepSpeed-Chat's padding="max_length"), for reference
-Both are applied by wrapping `train_loop` where the supervised recipe imported it; nothing else
-of forgepipe changes.
+It wraps `train_loop` where the supervised recipe imported it (and, for PPO, the trainer's two
+phases); nothing else of forgepipe changes. The levers it once swapped in are options now:
+`--group-by-length`, and `--pad-to-multiple-of <max length>` for DeepSpeed-Chat's pad-to-max.
 """
 
 from __future__ import annotations
@@ -21,18 +17,14 @@ import sys
 import time
 
 
-def _clocked(engine, collate, pad_to: int | None):
+def _clocked(engine, collate):
     """Wrap collate (start of a step) and engine.step (its end) to print one line per step."""
     import torch
-
-    from forgepipe.data.collate import pad
 
     started: dict[str, float | int] = {}
 
     def timed_collate(features):
         batch = collate(features)
-        if pad_to:
-            batch = _pad_batch(batch, pad_to, pad)
         started.update(t=time.perf_counter(), real=int(batch["attention_mask"].sum()),
                        computed=batch["input_ids"].numel())
         return batch
@@ -94,39 +86,13 @@ class _Profile:
                     f.write(averages.table(sort_by="self_device_time_total", row_limit=25))
 
 
-def _pad_batch(batch, pad_to, pad):
-    """Right-pad every [B, L] tensor of the batch to [B, pad_to] (labels with -100, masks with 0)."""
-    from forgepipe.data.tokenize import IGNORE_INDEX
-
-    fill = {"labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0}
-    out = dict(batch)
-    for key, value in batch.items():
-        if value.dim() == 2 and value.shape[1] < pad_to:
-            out[key] = pad(value.tolist(), fill.get(key, _pad_id(batch)), "right", pad_to)
-    return out
-
-
-def _pad_id(batch) -> int:
-    """The batch's pad id: what input_ids hold where the mask is 0 (the tokenizer's pad token)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    holes = ids[mask == 0]
-    return int(holes[0]) if holes.numel() else 0
-
-
-def install(order: str, pad_to: int | None) -> None:
-    import forgepipe.loop as loop
+def install() -> None:
     import forgepipe.stages.supervised as supervised
-    from forgepipe.data.collate import length_grouped_order, sample_lengths
 
     original = supervised.train_loop
 
-    def train_loop(*, engine, train_data, collate, settings, world, **kwargs):
-        if order == "grouped":
-            lengths = sample_lengths(train_data)
-            span = world.world_size * settings.micro_batch
-            loop.epoch_order = lambda n, seed, epoch: length_grouped_order(lengths, span, seed, epoch)
-        return original(engine=engine, train_data=train_data, collate=_clocked(engine, collate, pad_to),
-                        settings=settings, world=world, **kwargs)
+    def train_loop(*, engine, collate, **kwargs):
+        return original(engine=engine, collate=_clocked(engine, collate), **kwargs)
 
     supervised.train_loop = train_loop
 
@@ -163,17 +129,8 @@ def install_ppo() -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    order, pad_to = "shuffled", None
-    while args and args[0].startswith("--"):
-        flag, value, args = args[0], args[1], args[2:]
-        if flag == "--order":
-            order = value
-        elif flag == "--pad-to":
-            pad_to = int(value)
-        else:
-            raise SystemExit(f"fp_run: unknown flag {flag}")
     print(f"BENCH_START {time.time():.6f}", flush=True)
-    install(order, pad_to)
+    install()
     if args and args[0] in ("ppo", "pipeline"):  # the other stages do not import the PPO trainer
         install_ppo()
     from forgepipe.cli import main as cli_main

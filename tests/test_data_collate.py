@@ -10,6 +10,7 @@ from forgepipe.data.collate import (
     length_grouped_order,
     pack_sequences,
     padding_stats,
+    predicted_positions,
     sample_lengths,
 )
 from forgepipe.loop import epoch_order, rank_batches
@@ -129,3 +130,15 @@ def test_sample_lengths_of_pairs_and_sft_rows():
     pairs = datasets.Dataset.from_dict({"chosen_input_ids": [[1, 2]], "rejected_input_ids": [[3, 4, 5]]})
     assert sample_lengths(sft) == [3, 1]
     assert sample_lengths(pairs) == [3]  # the longer side: both are padded to it
+
+
+def test_predicted_positions_are_those_before_a_labelled_token():
+    labels = torch.tensor([
+        [-100, -100, 7, 8, -100],  # prompt, prompt, 7, 8, padding: positions 1 and 2 predict 7 and 8
+        [-100, 5, -100, 6, 9],  # a packed row: 5, then a new sample whose first token carries no loss
+    ])
+    positions, targets = predicted_positions(labels)
+    assert positions.tolist() == [[1, 2, 0], [0, 2, 3]]
+    assert targets.tolist() == [[7, 8, -100], [5, 6, 9]]
+    positions, targets = predicted_positions(labels, multiple=4)  # K rounded up, never past T - 1
+    assert positions.shape == (2, 4) and targets[0].tolist() == [7, 8, -100, -100]

@@ -74,3 +74,30 @@ def test_padding_to_a_multiple_leaves_the_loss_unchanged(packing):
     assert rounded["input_ids"].shape[1] == 16 and plain["input_ids"].shape[1] < 16
     with torch.no_grad():
         assert float(lm_loss(model, rounded)[0]) == pytest.approx(float(lm_loss(model, plain)[0]), abs=1e-5)
+
+
+class AllLogits(torch.nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep` (as some remote-code models)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+def test_the_loss_is_transformers_own_with_the_lm_head_on_labelled_positions_only():
+    model = tiny("llama", "sdpa")
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in SAMPLES]
+    batch = SFTCollator(PAD, pad_to_multiple_of=4)(rows)
+    # T = 8 (the longest row, 7, rounded up to 4's multiple); the most labelled row predicts 5 tokens,
+    # which rounds up to 8 and is capped at the T - 1 positions that predict anything
+    assert batch["input_ids"].shape == (4, 8) and batch["predict_positions"].shape == (4, 7)
+    with torch.no_grad():
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=batch["labels"]).loss
+        kept = lm_loss(model, batch)[0]
+        full = lm_loss(AllLogits(model), batch)[0]
+    assert float(kept) == pytest.approx(float(theirs), abs=1e-5)
+    assert float(full) == pytest.approx(float(theirs), abs=1e-5)

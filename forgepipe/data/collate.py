@@ -42,8 +42,26 @@ def _mask(rows: Sequence[Sequence[int]], side: str, multiple: int | None) -> tor
     return pad([[1] * len(r) for r in rows], 0, side, multiple)
 
 
+def predicted_positions(labels: torch.Tensor, multiple: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] labels -> ([B, K] positions whose logits carry loss, [B, K] the token each predicts).
+
+    Position i predicts token i+1, so it carries loss when labels[i+1] is set. Prompts and padding
+    carry none, so the loss runs the LM head (vocabulary-wide) on these K positions only, not on
+    all T. K is the batch's most labelled row (rounded up to `multiple`, as the length is); shorter
+    rows fill up with position 0 and target IGNORE_INDEX. Computed on the host, so the device
+    never waits to learn K.
+    """
+    targets = labels[:, 1:]
+    carries = targets != IGNORE_INDEX
+    k = min(_round_up(max(int(carries.sum(1).max()), 1), multiple), targets.shape[1])
+    positions = torch.argsort((~carries).to(torch.int8), dim=1, stable=True)[:, :k]  # labelled first, in order
+    kept = carries.gather(1, positions)
+    return positions.masked_fill(~kept, 0), targets.gather(1, positions).masked_fill(~kept, IGNORE_INDEX)
+
+
 class SFTCollator:
-    """{input_ids, labels[, position_ids]} rows -> padded tensors (position_ids for packed rows)."""
+    """{input_ids, labels[, position_ids]} rows -> padded tensors (position_ids for packed rows), and
+    the positions whose logits carry loss (`predicted_positions`)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
@@ -58,6 +76,7 @@ class SFTCollator:
         }
         if "position_ids" in features[0]:
             batch["position_ids"] = pad([f["position_ids"] for f in features], 0, "right", self.multiple)
+        batch["predict_positions"], batch["predict_labels"] = predicted_positions(batch["labels"], self.multiple)
         return batch
 
 

@@ -11,6 +11,7 @@ What transformers/PEFT do not decide for us, and where RLHF code has gone wrong 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,3 +209,12 @@ def load_causal_lm(path: str, *, dtype: str, tokenizer: PreTrainedTokenizerBase 
     if lora is not None:
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
     return model
+
+
+def keeps_logits(model) -> bool:
+    """Whether the causal LM under the engine (and PEFT) takes `logits_to_keep`: then positions that
+    carry no loss (prompts, padding) skip the LM head and the vocabulary-wide softmax
+    (transformers' models take it; remote code may not)."""
+    module = getattr(model, "module", model)
+    module = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "logits_to_keep" in inspect.signature(module.forward).parameters

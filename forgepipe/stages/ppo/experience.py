@@ -16,7 +16,6 @@ generate independently, much faster, as long as one full copy of the actor fits 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, fields
 
@@ -24,6 +23,7 @@ import torch
 
 from forgepipe.config import PPOConfig
 from forgepipe.data.collate import pad
+from forgepipe.models.load import keeps_logits
 from forgepipe.models.reward_model import last_token_scores
 from forgepipe.stages.ppo.losses import gae, logprobs_from_logits, masked_whiten, shaped_rewards
 
@@ -88,15 +88,6 @@ def actor_logprobs(actor, sequences: torch.Tensor, attention_mask: torch.Tensor,
     if temperature != 1.0:
         logits = logits / temperature
     return logprobs_from_logits(logits, sequences[:, prompt_len:])
-
-
-def keeps_logits(model) -> bool:
-    """Whether the causal LM under the engine (and PEFT) takes `logits_to_keep`: then the prompt's
-    positions skip the LM head and the vocabulary-wide softmax (transformers' models do; remote code
-    may not)."""
-    module = getattr(model, "module", model)
-    module = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
 def critic_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
