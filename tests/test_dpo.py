@@ -29,8 +29,30 @@ def test_collator_scores_response_tokens_only():
     batch = DPOCollator(PAD)(features)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0, PAD], [5, 7, 0, PAD, PAD], [5, 6, 8, 9, 0], [5, 0, PAD, PAD, PAD]]
     assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    # the positions that predict the scored tokens (the LM head runs there only), filler 0 / -100
+    assert batch["predict_positions"].tolist() == [[1, 2, 0], [0, 1, 0], [1, 2, 3], [0, 0, 0]]
+    assert batch["predict_labels"].tolist() == [[7, 0, -100], [7, 0, -100], [8, 9, 0], [0, -100, -100]]
     assert batch[REF_CHOSEN].tolist() == [-1.5, -0.5] and batch[REF_REJECTED].tolist() == [-2.5, -3.0]
     assert batch[REF_CHOSEN].dtype == torch.float64
+
+
+def test_forward_logps_are_the_full_logits_summed_over_the_response(tiny_model):
+    """The LM head at the kept positions only gives what all logits give, summed by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from forgepipe.stages.dpo.reference import forward_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    features = [{"chosen_input_ids": [5, 6, 7, 0], "rejected_input_ids": [5, 6, 8, 9, 0], "prompt_len": 2},
+                {"chosen_input_ids": [5, 7, 0], "rejected_input_ids": [5, 0], "prompt_len": 1}]
+    batch = DPOCollator(PAD, pad_to_multiple_of=4)(features)
+    with torch.no_grad():
+        summed, tokens = forward_logps(model, batch)
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    expected = [sum(float(logp[r, t - 1, batch["input_ids"][r, t]]) for t in range(batch["input_ids"].shape[1])
+                    if batch["response_mask"][r, t]) for r in range(4)]
+    assert tokens.tolist() == [2.0, 2.0, 3.0, 1.0]
+    assert summed.tolist() == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("overrides, message", [

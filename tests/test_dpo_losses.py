@@ -24,26 +24,22 @@ BIG = 1e4  # finite garbage where nothing is scored
 
 
 def test_sequence_logps_sums_response_tokens_only():
-    # V = 2. Row 0: ids [0, 1, 1, 0], prompt 2 tokens, response [1, 0] (mask [0, 0, 1, 1]).
-    #   position 1 predicts id 1 with logits [0, ln3]: p = 3/4; position 2 predicts id 0: p = 1/4.
-    #   sum = ln(3/16), 2 tokens. Position 0 predicts a prompt token, position 3 predicts nothing.
-    # Row 1: ids [0, 1, 0, pad], prompt 1 token, response [1, 0], then padding (mask [0, 1, 1, 0]).
-    #   position 0 predicts id 1 with logits [0, 0]: p = 1/2; position 1 predicts id 0 with
-    #   logits [ln3, 0]: p = 3/4. sum = ln(3/8), 2 tokens. Position 2 predicts the pad.
-    logits = torch.tensor([[[BIG, -BIG], [0.0, LN3], [0.0, LN3], [-BIG, BIG]],
-                           [[0.0, 0.0], [LN3, 0.0], [-BIG, BIG], [BIG, BIG]]], dtype=torch.float64,
-                          requires_grad=True)
-    ids = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
-    mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])
-    summed, tokens = sequence_logps(logits, ids, mask)
+    # V = 2, the logits at the positions kept per row (those that predict a response token), K = 3.
+    # Row 0 (ids [0, 1, 1, 0], prompt 2): position 1 predicts id 1 with logits [0, ln3]: p = 3/4;
+    #   position 2 predicts id 0 with [0, ln3]: p = 1/4. sum = ln(3/16), 2 tokens; slot 3 is filler.
+    # Row 1 (ids [0, 1, 0, pad], prompt 1): position 0 predicts id 1 with [0, 0]: p = 1/2; position 1
+    #   predicts id 0 with [ln3, 0]: p = 3/4. sum = ln(3/8), 2 tokens; slot 3 is filler.
+    logits = torch.tensor([[[0.0, LN3], [0.0, LN3], [BIG, -BIG]],
+                           [[0.0, 0.0], [LN3, 0.0], [-BIG, BIG]]], dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[1, 0, -100], [1, 0, -100]])
+    summed, tokens = sequence_logps(logits, targets)
     assert_close(summed, torch.tensor([math.log(3 / 16), math.log(3 / 8)]))
     assert_close(tokens, torch.tensor([2.0, 2.0]))
     summed.sum().backward()
-    # No gradient reaches the positions that predict prompt tokens, padding, or nothing.
-    assert logits.grad[0, 0].abs().sum() == 0 and logits.grad[0, 3].abs().sum() == 0
-    assert logits.grad[1, 2].abs().sum() == 0 and logits.grad[1, 3].abs().sum() == 0
-    # d ln softmax(z)[1] / dz = [-p0, 1 - p1] = [-1/4, 1/4] at row 0, position 1.
-    assert_close(logits.grad[0, 1], torch.tensor([-0.25, 0.25], dtype=torch.float64))
+    # No gradient reaches the filler slots.
+    assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[1, 2].abs().sum() == 0
+    # d ln softmax(z)[1] / dz = [-p0, 1 - p1] = [-1/4, 1/4] at row 0, slot 0.
+    assert_close(logits.grad[0, 0], torch.tensor([-0.25, 0.25], dtype=torch.float64))
 
 
 def test_length_normalisation_for_ipo_and_simpo_only():

@@ -218,3 +218,12 @@ def keeps_logits(model) -> bool:
     module = getattr(model, "module", model)
     module = module.get_base_model() if hasattr(module, "get_base_model") else module
     return "logits_to_keep" in inspect.signature(module.forward).parameters
+
+
+def logits_at(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+    """[B, K, V] logits of a causal LM (engine or module) at [B, K] positions per row: the LM head
+    runs at those positions only where the model takes `logits_to_keep` (an index tensor, so the
+    device never syncs with the host), else all logits are computed and those picked."""
+    if keeps_logits(model):
+        return model(**inputs, logits_to_keep=positions).logits
+    return torch.take_along_dim(model(**inputs).logits, positions[..., None], dim=1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
 import torch.nn.functional as F
 
 from forgepipe.config import Config
@@ -19,7 +18,7 @@ from forgepipe.data.collate import SFTCollator, pack_sequences
 from forgepipe.data.tokenize import IGNORE_INDEX, tokenize_sft
 from forgepipe.generation import clip, generate_for_ids, log_table
 from forgepipe.layout import StageResult
-from forgepipe.models.load import LoraSettings, keeps_logits, load_causal_lm
+from forgepipe.models.load import LoraSettings, load_causal_lm, logits_at
 from forgepipe.stages.supervised import Prepared, SupervisedStage, evaluation_sums, run_supervised
 
 log = logging.getLogger(__name__)
@@ -45,11 +44,8 @@ def lm_loss(engine, batch):
     computed and those picked): on chat data most positions are prompt or padding, and at a 50k
     vocabulary the head and its softmax are a fifth of a small model's FLOPs and its largest
     activation."""
-    positions, targets = batch["predict_positions"], batch["predict_labels"]
-    if keeps_logits(engine):
-        logits = engine(**model_inputs(batch), logits_to_keep=positions).logits  # [B, K, V]
-    else:
-        logits = torch.take_along_dim(engine(**model_inputs(batch)).logits, positions[..., None], dim=1)
+    targets = batch["predict_labels"]
+    logits = logits_at(engine, model_inputs(batch), batch["predict_positions"])  # [B, K, V]
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
     return loss, {}
 

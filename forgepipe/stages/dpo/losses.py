@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from forgepipe.data.tokenize import IGNORE_INDEX
 from forgepipe.stages.ppo.losses import logprobs_from_logits
 
 LOSSES = ("dpo", "ipo", "simpo")
@@ -29,15 +30,15 @@ LENGTH_NORMALISED = frozenset({"ipo", "simpo"})
 REFERENCE_FREE = frozenset({"simpo"})
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
-                   response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of the response tokens [N], response tokens [N]) of N sequences.
 
-    `logits` [N, L, V] at position t predict token t+1; `response_mask` [N, L] is 1 on the tokens
-    scored (response and EOS), 0 on the prompt and padding. Unscored positions are zeroed with
-    `where`: what the model computes there changes neither the sums nor (when finite) the gradients."""
-    logp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
-    mask = response_mask[:, 1:].bool()
+    `logits` [N, K, V] at the K positions kept per row (`data.collate.predicted_positions`: those
+    that predict a response token or EOS), `targets` [N, K] the token each predicts, IGNORE_INDEX
+    (-100) where a row has fewer. Those slots are zeroed with `where`: what the model computes there
+    changes neither the sums nor (when finite) the gradients."""
+    mask = targets != IGNORE_INDEX
+    logp = logprobs_from_logits(logits, targets.clamp(min=0))
     summed = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(-1)
     return summed, mask.sum(-1).to(logp.dtype)
 

@@ -24,8 +24,8 @@ from forgepipe.checkpoint import export_pretrained
 from forgepipe.config import Config, data_share
 from forgepipe.data import load_stage_data
 from forgepipe.data.chat_template import ChatRender
-from forgepipe.data.collate import PairCollator
-from forgepipe.data.tokenize import tokenize_pairs
+from forgepipe.data.collate import PairCollator, predicted_positions
+from forgepipe.data.tokenize import IGNORE_INDEX, tokenize_pairs
 from forgepipe.deepspeed_config import build_ds_config
 from forgepipe.engine import train_flops_per_token
 from forgepipe.errors import ForgeError
@@ -69,17 +69,21 @@ CONSOLE_ROWS = 3
 
 class DPOCollator:
     """PairCollator's [2B, L] batch (the B chosen rows, then the B rejected rows, right-padded), plus
-    `response_mask` (1 on each row's response and EOS: the tokens scored) and, when precomputed, the
-    reference's summed log-probs of each side."""
+    `response_mask` (1 on each row's response and EOS: the tokens scored), the positions that predict
+    them (`predicted_positions`: the LM head runs there only) and, when precomputed, the reference's
+    summed log-probs of each side."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pairs = PairCollator(pad_token_id, pad_to_multiple_of)
+        self.multiple = pad_to_multiple_of
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.pairs(features)
         starts = torch.tensor([f["prompt_len"] for f in features] * 2)
         positions = torch.arange(batch["input_ids"].shape[1])
         batch["response_mask"] = ((positions[None, :] >= starts[:, None]) & batch["attention_mask"].bool()).long()
+        scored = batch["input_ids"].masked_fill(batch["response_mask"] == 0, IGNORE_INDEX)
+        batch["predict_positions"], batch["predict_labels"] = predicted_positions(scored, self.multiple)
         if REF_CHOSEN in features[0]:
             for name in (REF_CHOSEN, REF_REJECTED):
                 batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float64)
