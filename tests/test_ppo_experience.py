@@ -8,12 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from forgepipe.config import PPOConfig
 from forgepipe.data.collate import PromptCollator
-from forgepipe.models.load import load_tokenizer
+from forgepipe.models.load import keeps_logits, load_tokenizer
 from forgepipe.models.reward_model import last_token_scores, load_scalar_model
 from forgepipe.stages.ppo.experience import (
     Experience,
     actor_logprobs,
-    keeps_logits,
     make_experience,
     position_ids_from_mask,
     response_mask,

@@ -220,10 +220,14 @@ def keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
-def logits_at(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
-    """[B, K, V] logits of a causal LM (engine or module) at [B, K] positions per row: the LM head
-    runs at those positions only where the model takes `logits_to_keep` (an index tensor, so the
-    device never syncs with the host), else all logits are computed and those picked."""
+def logits_at(model, inputs: dict, positions: torch.Tensor | int) -> torch.Tensor:
+    """[B, K, V] logits of a causal LM (engine or module) at [B, K] positions per row, or (an int K)
+    at the last K positions: the LM head runs there only where the model takes `logits_to_keep` (an
+    index tensor, so the device never syncs with the host), else all logits are computed and those
+    picked."""
     if keeps_logits(model):
         return model(**inputs, logits_to_keep=positions).logits
-    return torch.take_along_dim(model(**inputs).logits, positions[..., None], dim=1)
+    logits = model(**inputs).logits
+    if isinstance(positions, int):
+        return logits[:, -positions:]
+    return torch.take_along_dim(logits, positions[..., None], dim=1)

@@ -23,7 +23,7 @@ import torch
 
 from forgepipe.config import PPOConfig
 from forgepipe.data.collate import pad
-from forgepipe.models.load import keeps_logits
+from forgepipe.models.load import logits_at
 from forgepipe.models.reward_model import last_token_scores
 from forgepipe.stages.ppo.losses import gae, logprobs_from_logits, masked_whiten, shaped_rewards
 
@@ -81,10 +81,9 @@ def actor_logprobs(actor, sequences: torch.Tensor, attention_mask: torch.Tensor,
     distribution the tokens were actually sampled from (OpenRLHF does the same).
     """
     keep = sequences.shape[1] - prompt_len + 1  # the positions that predict the response, and the last
-    out = actor(input_ids=sequences, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                **({"logits_to_keep": keep} if keeps_logits(actor) else {}))
-    logits = out.logits[:, -keep:-1]  # = response_slice(all logits, prompt_len)
+    inputs = {"input_ids": sequences, "attention_mask": attention_mask,
+              "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}
+    logits = logits_at(actor, inputs, keep)[:, :-1]  # = response_slice(all logits, prompt_len)
     if temperature != 1.0:
         logits = logits / temperature
     return logprobs_from_logits(logits, sequences[:, prompt_len:])
