@@ -80,6 +80,9 @@ class ModelConfig:
     lora_target_modules: list[str] | None = None  # None: the architecture's linear layers
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # auto: SDPA, with the head dimension zero-padded to a multiple of 8 where the fused kernels need it
+    # (FORGE-s: 86 -> 88; exact); or any transformers name: sdpa, eager, flash_attention_2, ...
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -127,6 +130,9 @@ class TrainConfig:
     save_every_minutes: float = bounded(0.0, ge=0)
     keep_last: int = bounded(2, ge=1)  # checkpoints kept on disk
     final_checkpoint: bool = True  # the end-of-run checkpoint (optimizer state): what extending a finished run needs
+    # Hand right-padded supervised batches' 2D padding mask to the model. Off: the causal mask alone, exact
+    # for right padding (no kept position sees a pad), and SDPA may use its flash/cuDNN kernels.
+    padding_mask: bool = False
     compile: bool = False  # torch.compile the trained models (DeepSpeed's engine.compile, dynamic shapes)
     resume: str = "auto"  # auto | never | a checkpoint directory
     peak_tflops: float = bounded(0.0, ge=0)  # per-device peak for MFU (MI250X GCD bf16: 191.5, H100 SXM bf16: 989); 0: off

@@ -36,6 +36,12 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--lora-alpha", "model.lora_alpha", "LoRA scaling alpha."),
     ("--lora-target-modules", "model.lora_target_modules", "Comma-separated module names (default: per architecture)."),
     ("--gradient-checkpointing/--no-gradient-checkpointing", "model.gradient_checkpointing", "Recompute activations."),
+    ("--attn-implementation", "model.attn_implementation",
+     "auto: PyTorch SDPA, the head dimension zero-padded to a multiple of 8 where its fused kernels need it "
+     "(exact; FORGE-s: 86 -> 88); or a transformers name: sdpa, eager, flash_attention_2, ..."),
+    ("--padding-mask/--no-padding-mask", "train.padding_mask",
+     "Give the 2D padding mask to supervised forwards (SFT, reward, DPO). Off (default): right-padded batches "
+     "go with the causal mask alone, which is exact and lets SDPA use its flash kernels."),
     ("--zero-stage", "deepspeed.zero_stage", "DeepSpeed ZeRO stage (0-3)."),
     ("--offload", "deepspeed.offload", "Offload optimizer (and ZeRO-3 params) to: none or cpu."),
     ("--zeropp/--no-zeropp", "deepspeed.zeropp", "ZeRO++: quantized weights, hpZ, quantized gradients (stage 3)."),

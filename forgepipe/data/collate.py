@@ -19,6 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from forgepipe.data.tokenize import IGNORE_INDEX
+from forgepipe.models.attention import CAUSAL_ONLY
 
 
 def _round_up(n: int, multiple: int | None) -> int:
@@ -61,11 +62,13 @@ def predicted_positions(labels: torch.Tensor, multiple: int | None = None) -> tu
 
 class SFTCollator:
     """{input_ids, labels[, position_ids]} rows -> padded tensors (position_ids for packed rows), and
-    the positions whose logits carry loss (`predicted_positions`)."""
+    the positions whose logits carry loss (`predicted_positions`). `padding_mask` False marks the
+    batch `causal_only`: its forward goes without the 2D mask (models/attention.py)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_mask: bool = True):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.padding_mask = padding_mask
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [f["input_ids"] for f in features]
@@ -77,15 +80,19 @@ class SFTCollator:
         if "position_ids" in features[0]:
             batch["position_ids"] = pad([f["position_ids"] for f in features], 0, "right", self.multiple)
         batch["predict_positions"], batch["predict_labels"] = predicted_positions(batch["labels"], self.multiple)
+        if not self.padding_mask:
+            batch[CAUSAL_ONLY] = True
         return batch
 
 
 class PairCollator:
-    """{chosen_input_ids, rejected_input_ids[, margin]} rows -> input_ids [2B, L] (chosen first)."""
+    """{chosen_input_ids, rejected_input_ids[, margin]} rows -> input_ids [2B, L] (chosen first);
+    `padding_mask` as for SFTCollator."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_mask: bool = True):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.padding_mask = padding_mask
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
@@ -95,6 +102,8 @@ class PairCollator:
         }
         if "margin" in features[0]:
             batch["margin"] = torch.tensor([float(f["margin"]) for f in features], dtype=torch.float32)
+        if not self.padding_mask:
+            batch[CAUSAL_ONLY] = True
         return batch
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from forgepipe.errors import ForgeError
+from forgepipe.models import attention
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +200,14 @@ def check_head_loaded(model: nn.Module, info: dict, path: str) -> None:
 
 def load_causal_lm(path: str, *, dtype: str, tokenizer: PreTrainedTokenizerBase | None = None,
                    gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
-                   trust_remote_code: bool = False) -> nn.Module:
-    """A causal LM ready for training: dtype, embeddings fit the tokenizer, pad id, LoRA."""
+                   trust_remote_code: bool = False, attn_implementation: str = "auto") -> nn.Module:
+    """A causal LM ready for training: dtype, attention kernel (models/attention.py), embeddings fit
+    the tokenizer, pad id, LoRA."""
     model, info = hf_from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model",
                                      dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
                                      output_loading_info=True)
     check_head_loaded(model, info, path)
+    attention.use(model, attn_implementation)
     prepare_model(model, tokenizer=tokenizer, gradient_checkpointing=gradient_checkpointing)
     if lora is not None:
         model = apply_lora(model, lora, task_type="CAUSAL_LM")

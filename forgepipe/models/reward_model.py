@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from forgepipe.errors import ForgeError
+from forgepipe.models import attention
 from forgepipe.models.load import (
     LoraSettings,
     apply_lora,
@@ -56,15 +57,20 @@ class ScalarHeadModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         enable_checkpointing(self.hf)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """[B, L] tokens -> [B, L] float32 values.
 
         Position ids count real tokens only (as OpenRLHF), so a left-padded prompt gets the
         same positions as the right-padded one; rotary models do not care, absolute ones do.
+        Without a mask (a right-padded batch under the causal mask alone, models/attention.py) the
+        positions are the plain 0..L-1, which are the same for every real token.
         """
         hf = self.hf
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         backbone = getattr(hf, hf.base_model_prefix)
+        if attention_mask is None:
+            hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+            return hf.score(hidden).squeeze(-1).float()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids, use_cache=False).last_hidden_state
         return hf.score(hidden).squeeze(-1).float()
@@ -88,7 +94,7 @@ def has_scalar_head(path: str) -> bool:
 
 def load_scalar_model(path: str, *, dtype: str, tokenizer: PreTrainedTokenizerBase | None = None,
                       gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
-                      trust_remote_code: bool = False) -> ScalarHeadModel:
+                      trust_remote_code: bool = False, attn_implementation: str = "auto") -> ScalarHeadModel:
     """A reward export (head loaded) or a causal-LM checkpoint (head new, from torch's RNG)."""
     config = _config(path, trust_remote_code)
     archs = getattr(config, "architectures", None) or []
@@ -97,6 +103,7 @@ def load_scalar_model(path: str, *, dtype: str, tokenizer: PreTrainedTokenizerBa
                          "not a scalar reward model (num_labels 1)")
     model = hf_from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, "model",
                              num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    attention.use(model, attn_implementation)
     prepare_model(model, tokenizer=tokenizer, gradient_checkpointing=gradient_checkpointing)
     if lora is not None:
         model = apply_lora(model, lora, task_type="SEQ_CLS")  # the head stays fully trainable

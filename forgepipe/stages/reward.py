@@ -21,6 +21,7 @@ from forgepipe.data.collate import PairCollator
 from forgepipe.data.tokenize import tokenize_pairs
 from forgepipe.generation import clip, log_table
 from forgepipe.layout import StageResult
+from forgepipe.models.attention import forward_mask
 from forgepipe.models.load import LoraSettings
 from forgepipe.models.reward_model import last_token_scores, load_scalar_model
 from forgepipe.stages.supervised import Prepared, SupervisedStage, evaluation_sums, run_supervised
@@ -42,7 +43,7 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
 
 def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of the B chosen rows and the B rejected rows of a PairCollator batch."""
-    values = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    values = engine(input_ids=batch["input_ids"], attention_mask=forward_mask(batch))  # None: causal only
     scores = last_token_scores(values, batch["attention_mask"])
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
@@ -83,14 +84,16 @@ def prepare(cfg: Config, tokenizer, train_raw, eval_raw, cache_dir: str) -> Prep
 
     train, dropped = tokenize(train_raw)
     held_out, eval_dropped = tokenize(eval_raw) if len(eval_raw) else (None, 0)
-    return Prepared(train, held_out, PairCollator(tokenizer.pad_token_id, d.pad_to_multiple_of),
+    collate = PairCollator(tokenizer.pad_token_id, d.pad_to_multiple_of, padding_mask=cfg.train.padding_mask)
+    return Prepared(train, held_out, collate,
                     {"data.train_pairs": len(train), "data.eval_pairs": len(held_out or []),
                      "data.identical_pairs_dropped": dropped + eval_dropped})
 
 
 def build_model(cfg: Config, path: str, tokenizer, gradient_checkpointing: bool):
     return load_scalar_model(path, dtype=cfg.train.dtype, tokenizer=tokenizer, gradient_checkpointing=gradient_checkpointing,
-                             lora=LoraSettings.from_model_config(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+                             lora=LoraSettings.from_model_config(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
+                             attn_implementation=cfg.model.attn_implementation)
 
 
 def split_pair(chosen: list[int], rejected: list[int]) -> tuple[list[int], list[int], list[int]]:

@@ -18,6 +18,7 @@ from forgepipe.data.collate import SFTCollator, pack_sequences
 from forgepipe.data.tokenize import IGNORE_INDEX, tokenize_sft
 from forgepipe.generation import clip, generate_for_ids, log_table
 from forgepipe.layout import StageResult
+from forgepipe.models.attention import forward_mask
 from forgepipe.models.load import LoraSettings, load_causal_lm, logits_at
 from forgepipe.stages.supervised import Prepared, SupervisedStage, evaluation_sums, run_supervised
 
@@ -32,10 +33,12 @@ def model_inputs(batch) -> dict:
     goes without its 2D attention mask: transformers then builds the block-diagonal causal mask
     from the restarting position_ids (eager and sdpa; flash attention reads them as varlen), so
     no packed sample attends to the one before it. It only does so without a KV cache, which
-    training never needs."""
+    training never needs. A right-padded batch goes with its mask only under --padding-mask
+    (`forward_mask`: the causal mask alone is exact there, and lets SDPA use its flash kernels)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    mask = forward_mask(batch)
+    return {"input_ids": batch["input_ids"], "use_cache": False} | ({} if mask is None else {"attention_mask": mask})
 
 
 def lm_loss(engine, batch):
@@ -71,13 +74,15 @@ def prepare(cfg: Config, tokenizer, train_raw, eval_raw, cache_dir: str) -> Prep
                 if len(eval_raw) else None)
     if d.packing:
         train = pack_sequences(train, d.max_seq_len)
-    return Prepared(train, held_out, SFTCollator(tokenizer.pad_token_id, d.pad_to_multiple_of),
+    collate = SFTCollator(tokenizer.pad_token_id, d.pad_to_multiple_of, padding_mask=cfg.train.padding_mask)
+    return Prepared(train, held_out, collate,
                     {"data.train_samples": len(train), "data.eval_samples": len(held_out) if held_out else 0})
 
 
 def build_model(cfg: Config, path: str, tokenizer, gradient_checkpointing: bool):
     return load_causal_lm(path, dtype=cfg.train.dtype, tokenizer=tokenizer, gradient_checkpointing=gradient_checkpointing,
-                          lora=LoraSettings.from_model_config(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+                          lora=LoraSettings.from_model_config(cfg.model), trust_remote_code=cfg.model.trust_remote_code,
+                          attn_implementation=cfg.model.attn_implementation)
 
 
 def prompt_and_answer(example: dict) -> tuple[list[int], list[int]] | None:

@@ -25,6 +25,7 @@ import torch
 
 from forgepipe import distributed as dist
 from forgepipe.loop import eval_batches, to_device
+from forgepipe.models.attention import forward_mask
 from forgepipe.models.load import logits_at
 from forgepipe.stages.dpo.losses import sequence_logps
 
@@ -37,7 +38,10 @@ CACHE_VERSION = "ref-logps-v1"  # bump when what is stored changes
 def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed response log-probs [2B], response tokens [2B]) of a DPOCollator batch under a causal LM
     (engine or module): the chosen and rejected rows in one forward."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    mask = forward_mask(batch)  # None for a causal-only batch (models/attention.py)
+    if mask is not None:
+        inputs["attention_mask"] = mask
     return sequence_logps(logits_at(model, inputs, batch["predict_positions"]), batch["predict_labels"])
 
 

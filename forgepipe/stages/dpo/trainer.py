@@ -73,8 +73,8 @@ class DPOCollator:
     them (`predicted_positions`: the LM head runs there only) and, when precomputed, the reference's
     summed log-probs of each side."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.pairs = PairCollator(pad_token_id, pad_to_multiple_of)
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_mask: bool = True):
+        self.pairs = PairCollator(pad_token_id, pad_to_multiple_of, padding_mask)
         self.multiple = pad_to_multiple_of
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -223,7 +223,8 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> DPOInputs:
 
     train, dropped = tokenize(train_raw)
     held_out, eval_dropped = tokenize(eval_raw) if len(eval_raw) else (None, 0)
-    data = Prepared(train, held_out, DPOCollator(tokenizer.pad_token_id, d.pad_to_multiple_of),
+    collate = DPOCollator(tokenizer.pad_token_id, d.pad_to_multiple_of, padding_mask=cfg.train.padding_mask)
+    data = Prepared(train, held_out, collate,
                     {"data.train_pairs": len(train), "data.eval_pairs": len(held_out or []),
                      "data.identical_pairs_dropped": dropped + eval_dropped, "dpo.reference": kind})
     steps = total_steps(len(train), ctx.world.world_size, LoopSettings.from_config(cfg))
@@ -266,7 +267,8 @@ def build_models(cfg: Config, ctx: StageContext, run: RunRecord, inputs: DPOInpu
 
     def reference_engine() -> Reference:
         return Reference(engine=run.build_engine(ds_configs["ref"], lambda: load_causal_lm(
-            i.ref_path, dtype=cfg.train.dtype, tokenizer=i.tokenizer, trust_remote_code=cfg.model.trust_remote_code)))
+            i.ref_path, dtype=cfg.train.dtype, tokenizer=i.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=cfg.model.attn_implementation)))
 
     if kind == "none":
         return policy(), None

@@ -362,21 +362,23 @@ def build_models(cfg: Config, run: RunRecord, inputs: PPOInputs, ds_configs: dic
     p, i = cfg.ppo, inputs
     actor_lora = LoraSettings.from_model_config(cfg.model)
     critic_lora = LoraSettings.from_model_config(cfg.model, dim=p.critic_lora_dim)
-    remote = cfg.model.trust_remote_code
+    remote, attn = cfg.model.trust_remote_code, cfg.model.attn_implementation
 
     def build_actor(gradient_checkpointing: bool = False, lora: LoraSettings | None = actor_lora):
         return load_causal_lm(i.actor_path, dtype=cfg.train.dtype, tokenizer=i.tokenizer, lora=lora,
-                              gradient_checkpointing=gradient_checkpointing, trust_remote_code=remote)
+                              gradient_checkpointing=gradient_checkpointing, trust_remote_code=remote,
+                              attn_implementation=attn)
 
     actor = run.build_engine(ds_configs["actor"], lambda: build_actor(cfg.model.gradient_checkpointing),
                              total_steps=i.optimizer_steps)
     ref = run.build_engine(ds_configs["ref"], lambda: build_actor(lora=None))
     critic = run.build_engine(ds_configs["critic"], lambda: load_scalar_model(
         i.critic_path, dtype=cfg.train.dtype, tokenizer=i.tokenizer, lora=critic_lora,
-        gradient_checkpointing=p.critic_gradient_checkpointing, trust_remote_code=remote),
+        gradient_checkpointing=p.critic_gradient_checkpointing, trust_remote_code=remote, attn_implementation=attn),
         total_steps=i.optimizer_steps)
     reward = run.build_engine(ds_configs["reward"], lambda: load_scalar_model(
-        i.reward_path, dtype=cfg.train.dtype, tokenizer=i.reward_tokenizer, trust_remote_code=remote))
+        i.reward_path, dtype=cfg.train.dtype, tokenizer=i.reward_tokenizer, trust_remote_code=remote,
+        attn_implementation=attn))
     return PPOModels(actor, critic, ref, reward, build_actor)
 
 
