@@ -16,12 +16,24 @@ and qgZ (`zero_quantized_gradients`) is only wired into the stage-3 optimizer (e
 all-to-all group to DeepSpeedZeroOptimizer_Stage3 alone), so at stage 1/2 it would be silently ignored.
 qwZ/qgZ need DeepSpeed's quantizer kernels, which the CPU accelerator does not build.
 
+qgZ's communication dtype: stage3.py's __avg_scatter_grads casts the gradients to the engine's
+`communication_data_type` (default: the training dtype) and, with more than one node, hands them to
+all_to_all_quant_reduce, whose `swizzle_quant` (ops/csrc/quantization/pt_binding.cpp) reads the buffer
+as `__half` without a dtype check. bf16 (or fp32) bits read as fp16 are finite garbage (1e-4 becomes
+~0.6): training silently goes wrong. So whenever the JSON turns qgZ on, it also sets the top-level
+`communication_data_type` to fp16 (the gradients are quantized to 4 bits right after, so fp16's
+narrower range costs nothing qgZ has not already given up; a gradient beyond 65504 becomes inf, which
+the gradient-norm guard catches). qwZ needs nothing: partition_parameters.py's CUDAQuantizer.quantize
+converts the parameter to torch.half itself before calling the kernel, and every dequantize caller
+casts back to the parameter's own dtype (checked in DeepSpeed 0.19.8).
+
 The optimizer lives in the JSON (AdamW, `torch_adam` as configured); the learning-rate schedule does
 not: the training loop owns warm-up and cosine decay.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +45,14 @@ if TYPE_CHECKING:  # config.py calls validate_static: the types alone come from 
     from forgepipe.config import Config, DeepSpeedConfig
     from forgepipe.distributed import World
 
+log = logging.getLogger(__name__)
+
 # The loop logs progress itself; keep DeepSpeed's own step printing out of the way.
 STEPS_PER_PRINT = 1_000_000_000
 
 ZEROPP_KEYS = ("zero_quantized_weights", "zero_hpz_partition_size", "zero_quantized_gradients")
+# The only dtype qgZ's swizzle_quant kernel reads correctly (see the module docstring).
+QGZ_COMMUNICATION_DTYPE = "fp16"
 
 
 # ---------------------------------------------------------------------------
@@ -230,16 +246,22 @@ def build_ds_config(
                          "(stage 0 has no optimizer state to offload)")
 
     accum = t.grad_accum if train else 1
+    zero_block = _zero_block(ds, world, stage=stage, offload=offload, train=train, zeropp=zeropp)
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.per_device_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.per_device_batch_size * accum * world.world_size,
         # PPO's loop has no gradient-norm guard (loop.check_grad_norm): it keeps DeepSpeed's check.
         **_dtype_blocks(t.dtype, ds.check_grad_overflow or cfg.stage == "ppo"),
-        "zero_optimization": _zero_block(ds, world, stage=stage, offload=offload, train=train, zeropp=zeropp),
+        "zero_optimization": zero_block,
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
+    if zero_block.get("zero_quantized_gradients"):
+        out["communication_data_type"] = QGZ_COMMUNICATION_DTYPE
+        if t.dtype != QGZ_COMMUNICATION_DTYPE:
+            log.info("qgZ: gradients are reduced in fp16 (communication_data_type), not %s: DeepSpeed's "
+                     "quantizer reads them as fp16 whatever their dtype", t.dtype)
     if train:
         out["gradient_clipping"] = t.grad_clip
         out["optimizer"] = _optimizer_block(cfg, lr)

@@ -307,3 +307,57 @@ def test_deepspeed_reads_our_keys(one_rank):
 def test_ppo_keeps_deepspeeds_overflow_check():
     """PPO's loop has no gradient-norm guard: its bf16 engines keep DeepSpeed's check (skips bad steps)."""
     assert build_ds_config(make("ppo", zero_stage=2), NODE8_X2)["bf16"]["check_grad_overflow"] is True
+
+
+# ---------------------------------------------------------------------------
+# qgZ's communication dtype (issue 22): DeepSpeed's swizzle_quant reads the gradients as fp16
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_quantized_gradients_reduce_in_fp16(dtype):
+    cfg = make(zeropp=True, zero_stage=3)
+    cfg.train.dtype = dtype
+    js = build_ds_config(cfg, NODE8_X2)
+    assert js["zero_optimization"]["zero_quantized_gradients"] is True
+    assert js["communication_data_type"] == "fp16"
+    cfg = make(quantized_gradients=True, zero_stage=3)
+    cfg.train.dtype = dtype
+    assert build_ds_config(cfg, NODE8_X2)["communication_data_type"] == "fp16"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"zero_stage": 3}, {"zeropp": True, "zero_stage": 3, "quantized_gradients": False},
+     {"quantized_weights": True, "zero_stage": 3}, {"hpz_size": 8, "zero_stage": 3}],
+)
+def test_no_quantized_gradients_keeps_deepspeeds_communication_dtype(settings):
+    js = build_ds_config(make(**settings), NODE8_X2)
+    assert "zero_quantized_gradients" not in js["zero_optimization"] and "communication_data_type" not in js
+
+
+def test_quantized_gradients_dtype_only_where_qgz_is_on():
+    """A frozen engine (no gradients) and engines built without ZeRO++ keep DeepSpeed's default."""
+    cfg = make(zeropp=True, zero_stage=3)
+    assert "communication_data_type" not in build_ds_config(cfg, NODE8_X2, train=False)
+    assert "communication_data_type" not in build_ds_config(cfg, NODE8_X2, zeropp=False)
+
+
+def test_ppo_engines_quantized_gradients_dtype():
+    """PPO: the actor has ZeRO++ (qgZ reduces in fp16), the critic, reference and reward engines none."""
+    from forgepipe.stages.ppo.trainer import ppo_ds_configs
+
+    cfg = build_config("ppo", overrides={"deepspeed.zero_stage": 3, "deepspeed.zeropp": True})
+    js = ppo_ds_configs(cfg, NODE8_X2)
+    assert js["actor"]["communication_data_type"] == "fp16" and js["actor"]["bf16"]["enabled"]
+    for name in ("critic", "ref", "reward"):
+        assert "communication_data_type" not in js[name] and zeropp_block(js[name]) == {}
+
+
+def test_deepspeed_reads_the_communication_dtype():
+    """DeepSpeed's parser turns our key into torch.float16 in a bf16 run (engine.communication_data_type)."""
+    from deepspeed.runtime.config import DeepSpeedConfig as DSConfig
+
+    cfg = make(zeropp=True, zero_stage=3, hpz_size=1)
+    parsed = DSConfig(build_ds_config(cfg, World()))
+    assert parsed.bfloat16_config.enabled and parsed.communication_data_type == torch.float16
+    assert parsed.zero_config.zero_quantized_gradients
