@@ -22,7 +22,7 @@ import click
 import yaml
 
 from forgepipe import __version__
-from forgepipe.config import Config, build_config, set_dotted, validate
+from forgepipe.config import DEFAULT_NOTES, Config, build_config, set_dotted, validate
 from forgepipe.errors import ForgeError
 from forgepipe.layout import StageResult, share_with_group
 from forgepipe.options import COMMON_OPTIONS, DPO_OPTIONS, PPO_OPTIONS, REPEATABLE
@@ -57,6 +57,8 @@ def click_type(annotation: Any) -> click.ParamType:
 def _click_option(flags: str, key: str, help_text: str) -> Callable:
     annotation, default = _field(key)
     shown = "" if default in (None, "", []) else f"  [default: {default}]"
+    if key in DEFAULT_NOTES:
+        shown = f"  [default: {DEFAULT_NOTES[key]}]"
     name = _param_name(flags)
     if "/" in flags:
         return click.option(flags, name, default=None, help=help_text + shown)

@@ -28,6 +28,11 @@ STAGES: tuple[str, ...] = ("sft", "reward", "ppo")  # the shares of data.split, 
 # pairs, the reward share (so `pipeline --method dpo` is SFT on the sft share, DPO on the reward one).
 SHARE_OF: dict[str, str] = {"dpo": "reward"}
 KNOWN_STAGES: tuple[str, ...] = STAGES + tuple(SHARE_OF)
+# data.split when none is given. A stage run alone trains on all of its data (whole_split); the
+# pipeline shares one source among its stages, DeepSpeed-Chat style (sft 2, reward 4, ppo 4 tenths).
+PIPELINE_SPLIT = "2,4,4"
+# What `--help` says of a default that depends on the command (cli.py; the value stays None).
+DEFAULT_NOTES: dict[str, str] = {"data.split": f"all of the stage's data; pipeline: {PIPELINE_SPLIT}"}
 
 
 def data_share(stage: str) -> str:
@@ -90,7 +95,10 @@ class DataConfig:
     """Where the data comes from and how it becomes token batches."""
 
     sources: list[str] = field(default_factory=list)  # files, saved-dataset dirs, or Hub names
-    split: str = "2,4,4"  # shares of each source for stages sft,reward,ppo (DeepSpeed-Chat style); dpo: reward's
+    # Shares of each source for stages sft,reward,ppo (DeepSpeed-Chat style; dpo reads reward's). None:
+    # all of it for a stage run alone (validate resolves it to whole_split, e.g. 1,0,0 for sft), and
+    # PIPELINE_SPLIT for `forgepipe pipeline`.
+    split: str | None = None
     eval_fraction: float = bounded(0.1, ge=0, lt=1)  # held out of each stage's share for evaluation
     max_seq_len: int = bounded(512, ge=1)
     max_prompt_len: int = bounded(256, ge=1)  # prompt budget (PPO generation prompts; SFT/reward left-truncation)
@@ -401,6 +409,18 @@ def build_config(
     return cfg
 
 
+def whole_split(stage: str) -> str:
+    """The data.split that gives `stage` every row: its share 1, the others 0 ('1,0,0' for sft,
+    '0,1,0' for reward and dpo)."""
+    index = STAGES.index(data_share(stage))
+    return ",".join("1" if i == index else "0" for i in range(len(STAGES)))
+
+
+def stage_fraction(spec: str, stage: str) -> float:
+    """The share of every source that `stage` takes under data.split `spec` (1.0: all of it)."""
+    return parse_split(spec)[STAGES.index(data_share(stage))]
+
+
 def parse_split(spec: str) -> tuple[float, float, float]:
     """'2,4,4' -> normalised shares for (sft, reward, ppo)."""
     try:
@@ -428,10 +448,13 @@ def check_bounds(node: Any, prefix: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no model, data or launcher. Raises ForgeError with one line."""
+    """Checks that need no model, data or launcher. Raises ForgeError with one line. An unset
+    data.split becomes the stage's whole_split here, so a validated config names the rows it reads."""
     if cfg.stage not in KNOWN_STAGES:
         raise ForgeError(f"unknown stage {cfg.stage!r} (known: {', '.join(KNOWN_STAGES)})")
-    if parse_split(cfg.data.split)[STAGES.index(data_share(cfg.stage))] == 0:
+    if cfg.data.split is None:  # the one default that depends on the stage: all of its data
+        cfg.data.split = whole_split(cfg.stage)
+    if stage_fraction(cfg.data.split, cfg.stage) == 0:
         raise ForgeError(f"{cfg.data.split!r} leaves stage {cfg.stage} no data", key="data.split")
     check_bounds(cfg)
     from forgepipe.data.chat_template import check_setting  # plain Python: no data libraries

@@ -115,7 +115,7 @@ CASES: dict[str, tuple[str, object, str]] = {
                                        "--data-split"),
     "too few samples for one step, before any model loads": (
         "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--per-device-batch-size", "500"],
-        "--per-device-batch-size: 54 training rows of stage sft are fewer than one step"),
+        "--per-device-batch-size: 270 training rows of stage sft are fewer than one step"),
     "unknown model name": ("sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--model", "forge-xl-unknown"],
                            "forge-xl-unknown"),
     "reward export as the SFT model": (

@@ -108,3 +108,110 @@ def test_real_hh_sample_loads_normalises_and_splits():
     for row in train.select(range(20)):
         assert row["prompt"].endswith("\n\nAssistant:") and row["prompt"].startswith("\n\nHuman:")
         assert "\n\nAssistant:" not in row["chosen"] and "\n\nAssistant:" not in row["rejected"]
+
+
+# ---------------------------------------------------------------------------
+# A stage run alone reads all of its data; the pipeline splits one source (issue 22)
+
+
+def test_standalone_stage_trains_on_every_row_but_the_held_out():
+    from forgepipe.config import build_config, data_share
+
+    for stage, split in (("sft", "1,0,0"), ("reward", "0,1,0"), ("ppo", "0,0,1"), ("dpo", "0,1,0")):
+        cfg = build_config(stage, None, {"data.sources": [SAMPLE_PAIRS]})
+        assert cfg.data.split == split  # resolved: the config (and its MLflow params) name the rows read
+        train, ev = load_stage_data(cfg.data.sources, data_share(stage), cfg.data.split, cfg.train.seed,
+                                    cfg.data.eval_fraction)
+        assert (len(train), len(ev)) == (270, 30)  # 300 pairs, 10% held out
+    # Unset (a Config built without validate): the same rows.
+    train, ev = load_stage_data([SAMPLE_PAIRS], "sft", None, seed=1234, eval_fraction=0.1)
+    assert (len(train), len(ev)) == (270, 30)
+
+
+def test_explicit_split_on_a_standalone_stage_is_obeyed():
+    from forgepipe.config import build_config
+    from forgepipe.data.ledger import stage_line
+
+    cfg = build_config("sft", None, {"data.split": "2,4,4"})
+    assert cfg.data.split == "2,4,4"
+    train, ev = load_stage_data([SAMPLE_PAIRS], "sft", cfg.data.split, seed=1234, eval_fraction=0.1)
+    assert (len(train), len(ev)) == (54, 6)
+    assert stage_line("sft") == "sft: share 2 of 2,4,4 = 60 of 300 rows; trains on 54; 6 held out"
+
+
+def test_pipeline_still_splits_one_source(tmp_path):
+    from forgepipe.config import data_share
+    from forgepipe.stages.pipeline import pipeline_configs
+
+    configs = pipeline_configs("m", None, str(tmp_path / "p"), None, {"data.sources": [SAMPLE_PAIRS]})
+    assert {stage: cfg.data.split for stage, cfg in configs.items()} == {"sft": "2,4,4", "reward": "2,4,4",
+                                                                       "ppo": "2,4,4"}
+    rows = {stage: load_stage_data(cfg.data.sources, stage, cfg.data.split, cfg.train.seed, cfg.data.eval_fraction)
+            for stage, cfg in configs.items()}
+    assert {stage: len(t) + len(e) for stage, (t, e) in rows.items()} == {"sft": 60, "reward": 120, "ppo": 120}
+    dpo = pipeline_configs("m", None, str(tmp_path / "d"), None, {}, method="dpo")
+    assert [cfg.data.split for cfg in dpo.values()] == ["2,4,4", "2,4,4"] and data_share("dpo") == "reward"
+    # The YAML and the command line still choose the pipeline's split.
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("data: {split: '1,1,2'}\nstages: {reward: {data: {split: '0,1,0'}}}\n")
+    configs = pipeline_configs("m", None, str(tmp_path / "y"), str(yaml_file), {})
+    assert [cfg.data.split for cfg in configs.values()] == ["1,1,2", "0,1,0", "1,1,2"]
+    splits = {stage: cfg.data.split for stage, cfg in pipeline_configs(
+        "m", None, str(tmp_path / "c"), None, {"data.split": "2,8,0"}, method="dpo").items()}
+    assert splits == {"sft": "2,8,0", "dpo": "2,8,0"}
+
+
+def test_the_resolved_split_resumes_and_an_old_default_is_named():
+    """The same command twice has the same fingerprint; a checkpoint of the old default (2,4,4 for a
+    stage alone) is refused naming --data-split, which brings its rows back when given."""
+    from forgepipe.config import build_config
+    from forgepipe.preflight import config_changes, resume_changes
+
+    first, again = (build_config("reward", None, {"data.sources": [SAMPLE_PAIRS]}).flat() for _ in range(2))
+    assert config_changes(first, again) == ({}, {})
+    old = {**first, "data.split": "2,4,4"}
+    with pytest.raises(ForgeError, match=r"--data-split cannot change on resume .*'2,4,4', this run has '0,1,0'"):
+        resume_changes({"config": old, "world_size": 1}, first, 1, "ckpt")
+    given = build_config("reward", None, {"data.sources": [SAMPLE_PAIRS], "data.split": "2,4,4"}).flat()
+    assert resume_changes({"config": old, "world_size": 1}, given, 1, "ckpt") == {}
+
+
+def test_stage_line_accounts_for_every_row(tmp_path):
+    """trained on + held out + dropped = the rows (or the share); tokenization drops join by fingerprint."""
+    from forgepipe.data.ledger import record_dropped, stage_line
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(Path(SAMPLE_PAIRS).read_text() + json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    train, ev = load_stage_data([str(path)], "sft", None, seed=0, eval_fraction=0.1, eval_max_samples=20)
+    assert (len(train), len(ev)) == (270, 20)
+    record_dropped(train, {"too long for --max-seq-len 64": 7, "never": 0})
+    record_dropped(ev, {"too long for --max-seq-len 64": 1})
+    assert stage_line("sft") == (
+        "sft: trains on 263 of 301 rows (19 dropped: 10 held-out rows past --eval-max-samples 20, "
+        "8 too long for --max-seq-len 64, 1 a {prompt, response} record where the file's format is "
+        "{prompt, chosen, rejected}); 19 held out")
+    load_stage_data([str(path)], "reward", "2,4,4", seed=0, eval_fraction=0.1)
+    assert stage_line("dpo") == (  # dpo reads the reward share
+        "dpo: share 4 of 2,4,4 = 120 of 301 rows (1 dropped before the split: 1 a {prompt, response} record "
+        "where the file's format is {prompt, chosen, rejected}); trains on 108; 12 held out")
+    load_stage_data([SAMPLE_DOCS, SAMPLE_PAIRS], "ppo", None, seed=0, eval_fraction=0.1)
+    assert stage_line("ppo") == "ppo: trains on 270 of 360 rows (60 dropped: 60 no prompt ({text} rows)); 30 held out"
+
+
+def test_a_stage_logs_its_data_line_before_it_trains(tiny_model, tmp_path):
+    """CLI: `forgepipe sft` alone reads all of the file, says so in one line, and an explicit
+    --data-split is obeyed and named. (--packing with a batch larger than the data stops the stage
+    after tokenization, before any model is built: the cheapest path past the data line.)"""
+    from conftest import run_forgepipe
+
+    def sft(*extra):
+        out = tmp_path / f"out{len(extra)}"
+        return run_forgepipe(["sft", "--model", str(tiny_model), "--data", str(SAMPLE_PAIRS), "--output-dir", str(out),
+                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--torch-adam", "--dtype", "fp32",
+                              "--zero-stage", "0", "--packing", "--per-device-batch-size", "1000", *extra], timeout=300)
+
+    proc = sft()
+    assert proc.returncode == 2 and "shorter than one optimizer step" in proc.stderr, proc.stderr[-2000:]
+    assert "sft: trains on 270 of 300 rows; 30 held out" in proc.stderr
+    proc = sft("--data-split", "2,4,4")
+    assert "sft: share 2 of 2,4,4 = 60 of 300 rows; trains on 54; 6 held out" in proc.stderr, proc.stderr[-2000:]

@@ -73,6 +73,8 @@ def sft_args(model: Path, out: Path, *extra: str) -> list[str]:
         str(SAMPLE_PAIRS),
         "--data",
         str(SAMPLE_DOCS),
+        "--data-split",  # the sft share, as before stages read all their data by default
+        "2,4,4",
         "--output-dir",
         str(out),
         "--tracking-uri",

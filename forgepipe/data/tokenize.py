@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
+from forgepipe.data.ledger import record_dropped
 from forgepipe.distributed import is_main_process, main_process_first
 from forgepipe.errors import ForgeError
 
@@ -296,6 +297,8 @@ def tokenize_sft(
     fn_kwargs = dict(tokenizer=tokenizer, eos_id=_eos(tokenizer), max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
                      chat=chat)
     out = _cached_map(ds, _sft_batch, key, cache_dir, "tokenizing sft", fn_kwargs)
+    too_long = f"too long for --max-seq-len {max_seq_len}" + (" or refused by the chat template" if chat else "")
+    record_dropped(ds, {too_long: len(ds) - len(out)})
     if len(ds) and not len(out):
         raise ForgeError(f"--max-seq-len {max_seq_len} is shorter than every prompt in {source}")
     if len(out) < len(ds):
@@ -326,6 +329,7 @@ def tokenize_pairs(
     chosen, rejected = ds["chosen"][:], ds["rejected"][:]
     keep = [i for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if c != r]
     n_identical = len(ds) - len(keep)
+    given = ds
     if n_identical:
         log.info("%s: dropped %d pairs whose chosen and rejected text are identical", source, n_identical)
         ds = ds.select(keep)
@@ -335,6 +339,8 @@ def tokenize_pairs(
                      max_prompt_len=max_prompt_len, margin_field=margin_field, with_prompt_len=with_prompt_len,
                      chat=chat)
     out = _cached_map(ds, _pairs_batch, key, cache_dir, "tokenizing pairs", fn_kwargs)
+    record_dropped(given, {"with identical chosen and rejected": n_identical,
+                           f"cut to the same ids by --max-seq-len {max_seq_len}": len(ds) - len(out)})
     if len(ds) and not len(out):
         raise ForgeError(f"--max-seq-len {max_seq_len} is shorter than every prompt in {source}")
     if len(out) < len(ds):
@@ -356,6 +362,7 @@ def tokenize_prompts(
     key = cache_key(ds, tokenizer, fn="prompts", max_prompt_len=max_prompt_len, **_chat_key(chat))
     out = _cached_map(ds, _prompts_batch, key, cache_dir, "tokenizing prompts",
                       dict(tokenizer=tokenizer, max_prompt_len=max_prompt_len, chat=chat))
+    record_dropped(ds, {f"prompt longer than --max-prompt-len {max_prompt_len} (or empty)": len(ds) - len(out)})
     if len(ds) and not len(out):
         raise ForgeError(f"--max-prompt-len {max_prompt_len} is shorter than every prompt in {source}")
     if len(out) < len(ds):

@@ -24,6 +24,7 @@ import torch
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import find_latest
 from forgepipe.config import Config
+from forgepipe.data.ledger import stage_line
 from forgepipe.deepspeed_config import validate_launch
 from forgepipe.errors import ForgeError
 from forgepipe.layout import CHECKPOINT_DIR, CONFIG_FILE, MODEL_SUBDIR, PROFILE_FILE, RUN_FILE
@@ -67,7 +68,11 @@ class StageContext:
 
     def begin(self, models: dict[str, str], ds_configs: dict[str, dict]) -> RunRecord:
         """The data and models are known: check the resume, prepare the output directory, and open
-        the run record (the MLflow run). `models` are the resolved paths the stage starts from."""
+        the run record (the MLflow run). `models` are the resolved paths the stage starts from.
+        First, one line says what data the stage trains on (data/ledger.py)."""
+        line = stage_line(self.cfg.stage)
+        if line and self.world.is_main:
+            log.info("%s", line)
         resumed = check_resume(self.cfg, self.world, models, self.find_resume())
         if self.cfg.overwrite and self.world.is_main:
             self._remove_earlier_outputs()

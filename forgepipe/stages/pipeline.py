@@ -4,8 +4,10 @@ export feeding the next.
 PPO: SFT's export becomes the PPO actor and reference; the reward export becomes the reward model
 and the critic's start. DPO: SFT's export becomes the policy and the reference, and DPO trains on
 the reward share of --data-split (the preference pairs; config.data_share), so `--data-split 2,8,0`
-gives it the PPO share as well. In MLflow the stages are child runs of one parent run. A rerun
-(`--resume auto`, the default) skips the stages that finished and resumes the one it was in.
+gives it the PPO share as well. The stages split one source (config.PIPELINE_SPLIT by default),
+where a stage run alone trains on all of its data. In MLflow the stages are child runs of one
+parent run. A rerun (`--resume auto`, the default) skips the stages that finished and resumes the
+one it was in.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from forgepipe import distributed as dist
-from forgepipe.config import Config, build_config, data_share, load_yaml
+from forgepipe.config import PIPELINE_SPLIT, Config, build_config, data_share, load_yaml
 from forgepipe.errors import ForgeError
 from forgepipe.layout import StageResult
 from forgepipe.preflight import finished_stage
@@ -71,7 +73,9 @@ def pipeline_configs(model: str | None, reward_model: str | None, output_dir: st
     models = stage_models(method, model, reward_model, out)
     configs = {}
     for stage in stages:
-        layers = [(tree, f"{config_file}: ")] if tree else []
+        # The stages share one source: --data-split cuts it (PIPELINE_SPLIT unless the YAML or the
+        # command line says otherwise), where a stage run alone would read all of it.
+        layers = [({"data": {"split": PIPELINE_SPLIT}}, "")] + ([(tree, f"{config_file}: ")] if tree else [])
         if sections.get(stage):
             layers.append((sections[stage], f"{config_file}: stages.{stage}."))
         stage_overrides = {**overrides, **models[stage], "output_dir": str(out / stage)}
