@@ -18,10 +18,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from forgepipe.config import STAGES, Config, data_share, parse_split
+import click
+import yaml
+
+from forgepipe.config import STAGES, Config, data_share, flatten, parse_split
 from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
-from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, MODEL_SUBDIR, RUN_FILE, StageResult, checkpoint_step
+from forgepipe.layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOOP_STATE,
+    MODEL_SUBDIR,
+    RUN_FILE,
+    StageResult,
+    checkpoint_step,
+    resolve_stage_output,
+)
 from forgepipe.options import label
 
 FULL_SCAN_BYTES = 256 << 20  # larger JSON files: only their first SCAN_LINES lines are read here
@@ -88,7 +100,7 @@ def check_output_dir(cfg: Config) -> None:
             raise ForgeError(f"{state} is unreadable ({type(exc).__name__})", key="train.resume") from None
     if resume == "auto" and not cfg.overwrite and (out / RUN_FILE).is_file():
         steps = StageResult.read(out).steps
-        if last_checkpoint_step(out) < steps:
+        if last_checkpoint_step(out) < steps and finished_line(cfg) is None:  # else: nothing to do (check_run)
             raise ForgeError(
                 f"{out} holds a run that finished at step {steps} without its final checkpoint "
                 f"({label('train.final_checkpoint')} was off): nothing to continue it from. Its export is in "
@@ -200,6 +212,108 @@ def check_resume_config(cfg: Config) -> None:
         return
     if isinstance(before, dict) and before.get("config"):
         resume_changes(before, cfg.flat(), world_size_from_env(), str(checkpoint))
+
+
+# A stage re-run into the output directory of a run that finished, with nothing to add to it (the
+# same command, or `--resume` of its final checkpoint), is answered here in one line, exit 0:
+# resuming would re-evaluate, rewrite the checkpoint and the export, and move the MLflow run's end
+# time. Raising --max-steps or --epochs extends the run as before.
+INPUT_KEYS = ("model.name_or_path", "ppo.reward_model", "ppo.critic_model", "dpo.ref_model", "data.sources")
+
+
+class AlreadyFinished(click.exceptions.Exit):
+    """check_run's answer to a launch with nothing to do: click ends the command with status 0."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
+
+
+def finished_config(output_dir: Path, run_id: str | None, steps: int) -> dict[str, Any] | None:
+    """The flattened config a finished run ended with: its final checkpoint's (the one at its last
+    step), else its config.yaml (a run without a final checkpoint); None when unreadable."""
+    root = output_dir / CHECKPOINT_DIR
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            state = json.loads((path / LOOP_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("step") == steps and state.get("run_id") == run_id:
+            config = (state.get("fingerprint") or {}).get("config")
+            if isinstance(config, dict) and config:
+                return config
+    try:
+        config = yaml.safe_load((output_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return flatten(config) if isinstance(config, dict) else None
+
+
+def _same_input(old: Any, new: Any) -> bool:
+    """The same model or data source(s), spelled alike or naming the same file or directory."""
+    if old == new:
+        return True
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_same_input(a, b) for a, b in zip(old, new, strict=True))
+    if isinstance(old, str) and isinstance(new, str) and Path(old).exists() and Path(new).exists():
+        return Path(resolve_stage_output(old)).resolve() == Path(resolve_stage_output(new)).resolve()
+    return False
+
+
+def finished_line(cfg: Config) -> str | None:
+    """What to answer when --output-dir holds a run that finished and this launch would add no step
+    to it: resuming it (auto, or its final checkpoint given), with the same stage, models, data and
+    unchanged settings, and --max-steps/--epochs not raised past its end. None: start, resume or
+    extend as usual (the stage's own checks refuse what cannot be resumed)."""
+    out, resume = Path(cfg.output_dir), cfg.train.resume
+    if cfg.overwrite or resume == "never" or not (out / RUN_FILE).is_file():
+        return None
+    try:
+        result = StageResult.read(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    steps = result.steps
+    final = last_checkpoint_step(out)
+    if final > steps:
+        return None  # an extension under way: resume it
+    if resume != "auto" and (Path(resume).resolve().parent != (out / CHECKPOINT_DIR).resolve()
+                             or checkpoint_step(Path(resume)) != steps):
+        return None  # another checkpoint to resume from: the user's choice
+    old, new = finished_config(out, result.run_id, steps), cfg.flat()
+    if not old or config_changes(old, new)[1] or not all(_same_input(old.get(k), new.get(k)) for k in INPUT_KEYS):
+        return None
+    old_max, old_epochs = int(old.get("train.max_steps") or 0), int(old.get("train.epochs") or 1)
+    by_epochs = old_max <= 0 or steps < old_max  # the run ended with its epochs: `steps` are all of them
+    t = cfg.train
+    if not (0 < t.max_steps <= steps or (by_epochs and t.epochs <= old_epochs)):
+        return None
+    if final < steps:
+        more = f"it has no final checkpoint to extend ({label('train.final_checkpoint')} was off)"
+    elif by_epochs:
+        more = f"more {label('train.epochs')} (than {old_epochs}) extend it"
+    else:
+        more = f"{label('train.max_steps')} above {steps} extends it"
+    return (f"{out} already finished at step {steps}: nothing to do; {more}, {label('overwrite')} starts afresh "
+            f"(its model: {out / MODEL_SUBDIR})")
+
+
+def rank_from_env() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def check_finished(cfg: Config) -> None:
+    """A launch that would add nothing to a finished run: one line (rank 0) and AlreadyFinished
+    (exit 0) on every rank, before anything starts or is written; the run's files and MLflow record
+    stay as they were. File-based, so every rank of a launch gives the same answer."""
+    line = finished_line(cfg)
+    if line is None:
+        return
+    if rank_from_env() == 0:
+        click.echo(f"forgepipe: {line}")
+    raise AlreadyFinished(line)
 
 
 
@@ -501,6 +615,7 @@ def check_run(cfg: Config) -> None:
     """Everything above, for a stage about to start."""
     check_output_dir(cfg)
     check_resume_config(cfg)
+    check_finished(cfg)
     check_tracking(cfg.tracking.uri)
     check_models(cfg)
     check_data(cfg)

@@ -562,9 +562,18 @@ def option_table(stage: str) -> tuple[list[tuple[str, str, str]], set[str]]:
     return options.COMMON_OPTIONS + (getattr(options, extra, []) if extra else []), set(options.REPEATABLE)
 
 
+# Where `runs show --as-command` sends the rerun: the run's own directory holds it finished (a launch
+# there answers "already finished: nothing to do"), so the command trains afresh beside it.
+RERUN_SUFFIX = "-rerun"
+# How the original run was started, not what it trained: a fresh output directory needs neither.
+NOT_REPEATED = {"train.resume", "overwrite"}
+
+
 def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
-    """The `forgepipe <stage> ...` command that re-runs a config: every key that differs from the
-    default as its option. Returns the command and the keys no option sets (they need --config)."""
+    """The `forgepipe <stage> ...` command that runs a config again from scratch: every key that
+    differs from the default as its option, the output directory the run's own plus RERUN_SUFFIX
+    (`--resume`/`--overwrite` left out). Returns the command and the keys no option sets (they need
+    --config)."""
     import yaml
 
     from forgepipe.config import Config, flatten
@@ -572,6 +581,8 @@ def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
     if stage not in STAGE_FLAGS:
         raise ForgeError(f"--as-command: the run's stage is {stage!r}; only {', '.join(STAGE_FLAGS)} runs are commands")
     values = flatten(yaml.safe_load(config_yaml) or {})
+    if values.get("output_dir"):
+        values["output_dir"] = str(values["output_dir"]).rstrip("/") + RERUN_SUFFIX
     defaults = Config(stage=stage).flat()
     rows, repeatable = option_table(stage)
     flags = {key: f for f, key, _ in rows} | STAGE_FLAGS[stage]
@@ -580,7 +591,7 @@ def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:
     first = [k for k in STAGE_FLAGS[stage] if k in values]
     for key in first + [k for k in values if k not in first]:
         value = values[key]
-        if key == "stage" or key.startswith(UNUSED_SECTIONS[stage]):
+        if key == "stage" or key in NOT_REPEATED or key.startswith(UNUSED_SECTIONS[stage]):
             continue
         if (key in defaults and value == defaults[key]) or (key not in defaults and not value):
             continue

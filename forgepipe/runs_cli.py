@@ -86,7 +86,10 @@ def compare_cmd(tracking_uri, refs, show_all, metrics, last_n, plot):
 @runs.command("show")
 @tracking_option
 @click.argument("ref", metavar="RUN")
-@click.option("--as-command", is_flag=True, help="Print the command line that re-runs the run's config.")
+@click.option("--as-command", is_flag=True,
+              help="Print a command line that trains the run's config again from scratch, into a new output "
+                   "directory: the run's own plus '-rerun' (change it as you like). In the run's own directory "
+                   "the same command does nothing: the run is finished there.")
 @one_line_errors
 def show_cmd(tracking_uri, ref, as_command):
     """The run's config as YAML, where its checkpoints and export are, its environment and versions.

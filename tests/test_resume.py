@@ -348,3 +348,38 @@ def test_config_changes_ignore_keys_of_another_forgepipe_version():
     honoured, refused = config_changes(old, new)
     assert honoured == {"train.lr": (1e-3, 2e-3)}
     assert refused == {"train.seed": (1, 2)}
+
+
+def mlflow_record(db: Path) -> dict[str, list]:
+    """Everything the store holds about its runs: status and times, tags, params, every metric point."""
+    with sqlite3.connect(db) as con:
+        return {table: sorted(con.execute(query).fetchall()) for table, query in {
+            "runs": "SELECT run_uuid, status, start_time, end_time, lifecycle_stage FROM runs",
+            "tags": "SELECT run_uuid, key, value FROM tags",
+            "params": "SELECT run_uuid, key, value FROM params",
+            "metrics": "SELECT run_uuid, key, step, timestamp, value FROM metrics",
+        }.items()}
+
+
+def test_the_same_command_on_a_finished_run_does_nothing(tiny_model, reference, tmp_path):
+    """The finished run's own command again (the default --resume auto), at its 2 ranks: one line,
+    exit 0 on every rank before DeepSpeed starts; its checkpoint, export, run file, config and MLflow
+    record (status, end time, tags, metrics) untouched. (A larger --max-steps still extends a run:
+    test_checkpoint_faults.py.)"""
+    import shutil
+
+    out = tmp_path / "sft"
+    shutil.copytree(reference, out)  # copy2: the modification times come along
+    shutil.copy(f"{reference}.db", f"{out}.db")
+    files = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+    assert any(p.parent.name == "model" for p in files) and (out / "checkpoints" / f"step-{STEPS:08d}").is_dir()
+    record = mlflow_record(Path(f"{out}.db"))
+
+    job, codes = run_job(sft_args(tiny_model, out), out, "again")
+    assert codes == [0, 0], job.log()[-3000:]
+    said = [line for line in job.log(0).splitlines() if line.strip()]
+    assert said == [f"forgepipe: {out} already finished at step {STEPS}: nothing to do; more --epochs (than 4) "
+                    f"extend it, --overwrite starts afresh (its model: {out / 'model'})"], job.log()[-3000:]
+    assert not job.log(1).strip()
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()} == files
+    assert mlflow_record(Path(f"{out}.db")) == record

@@ -191,9 +191,11 @@ def test_as_command_rebuilds_the_options_that_differ_from_the_defaults():
     cfg.deepspeed.torch_adam = True
     cfg.data.sources = ["/data/a b.jsonl", "/data/c.jsonl"]
     cfg.ppo.max_new_tokens = 8  # a pipeline sets it for every stage; `forgepipe sft` has no such option
+    cfg.train.resume, cfg.overwrite = "/out/z3/checkpoints/step-00000004", True  # how it started: not repeated
     command, left = command_line("sft", cfg.to_yaml())
     words = shlex.split(command)
-    assert words[:6] == ["forgepipe", "sft", "--model", "forge-s", "--output-dir", "/out/z3"]
+    # A new directory: in the run's own, the same command finds the run finished and does nothing.
+    assert words[:6] == ["forgepipe", "sft", "--model", "forge-s", "--output-dir", "/out/z3-rerun"]
     assert " ".join(words[6:]).split(" --") == ["--data /data/a b.jsonl", "data /data/c.jsonl", "max-steps 6",
                                                 "zero-stage 1", "torch-adam"]
     assert left == {}
@@ -277,7 +279,7 @@ def test_runs_commands_on_a_store_of_real_runs(real_store):
     words = shlex.split(command)
     assert words[:2] == ["forgepipe", "sft"] and "--zero-stage" in words
     assert words[words.index("--max-steps") + 1] == "3" and words[words.index("--output-dir") + 1] == str(
-        root / "sft-z2")
+        root / "sft-z2") + "-rerun"
     # The command re-runs: the same config (into another directory, stopped before training by a bad option).
     again = run_forgepipe([*words[1:], "--output-dir", str(root / "again"), "--max-steps", "-1"])
     assert again.returncode == 2 and again.stderr.startswith("forgepipe: error: --max-steps")
