@@ -26,7 +26,7 @@ from forgepipe.config import DEFAULT_NOTES, Config, build_config, set_dotted, va
 from forgepipe.errors import ForgeError
 from forgepipe.layout import StageResult, share_with_group
 from forgepipe.options import COMMON_OPTIONS, DPO_OPTIONS, PPO_OPTIONS, REPEATABLE
-from forgepipe.preflight import check_run, check_shown
+from forgepipe.preflight import check_run, check_shown, resolve_zero_stage
 from forgepipe.signals import EXIT_PREEMPTED, STOP, Preempted, StartupStop
 
 
@@ -303,6 +303,7 @@ def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, assignme
     import torch
 
     validate_launch(cfg, world, has_gpu=assume_gpu or torch.cuda.is_available())
+    resolve_zero_stage(cfg, world)
     resolved = {"config": dataclasses.asdict(cfg), "deepspeed": build_ds_config(cfg, world),
                 "world": dataclasses.asdict(world)}
     if fmt == "json":

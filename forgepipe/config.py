@@ -151,7 +151,10 @@ class TrainConfig:
 class DeepSpeedConfig:
     """ZeRO, offload, ZeRO++ and profiler switches (see deepspeed_config.py for the JSON)."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    # auto: the lowest stage whose per-rank model state fits the device (deepspeed_config.choose_zero_stage),
+    # resolved at launch into zero_stage_resolved; ZeRO++ makes it 3, --offload cpu at least 1.
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    zero_stage_resolved: int | None = None  # set at launch (a value given is replaced): the stage run
     offload: Literal["none", "cpu"] = "none"
     zeropp: bool = False  # turns on qwZ + hpZ + qgZ together
     quantized_weights: bool | None = None  # qwZ; None follows `zeropp`
@@ -197,10 +200,13 @@ class PPOConfig:
     reward_model: str = ""  # stage-2 export (or catalog name)
     critic_model: str | None = None  # defaults to the reward model
     critic_lr: float = bounded(5e-6, gt=0)
-    critic_zero_stage: Literal[0, 1, 2, 3] | None = None  # None: same as the actor
+    critic_zero_stage: Literal["auto", 0, 1, 2, 3] | None = None  # None: same as the actor; auto: the memory rule
     critic_lora_dim: int = bounded(0, ge=0)
     critic_gradient_checkpointing: bool = False
-    ref_zero_stage: Literal[0, 1, 2, 3] | None = None
+    ref_zero_stage: Literal["auto", 0, 1, 2, 3] | None = None  # reference and reward models; None: the actor's
+    # Set at launch (a value given is replaced): the stages the critic and the frozen models run at.
+    critic_zero_stage_resolved: int | None = None
+    ref_zero_stage_resolved: int | None = None
     allow_tokenizer_mismatch: bool = False
     max_new_tokens: int = bounded(64, ge=1)
     temperature: float = bounded(1.0, gt=0)

@@ -27,6 +27,12 @@ the gradient-norm guard catches). qwZ needs nothing: partition_parameters.py's C
 converts the parameter to torch.half itself before calling the kernel, and every dequantize caller
 casts back to the parameter's own dtype (checked in DeepSpeed 0.19.8).
 
+`--zero-stage auto` (the default): the lowest stage at which the run's models' parameters, gradients
+and optimizer state per rank take at most AUTO_MEMORY_FRACTION of a device (`choose_zero_stage`);
+preflight.resolve_zero_stage applies it at launch, once the world, the models and the device are
+known, and records the result in `deepspeed.zero_stage_resolved` (PPO: `ppo.*_zero_stage_resolved`),
+which is what the JSON is built from. ZeRO++ makes auto 3, `--offload cpu` at least 1.
+
 The optimizer lives in the JSON (AdamW, `torch_adam` as configured); the learning-rate schedule does
 not: the training loop owns warm-up and cosine decay.
 """
@@ -35,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from forgepipe.errors import ForgeError
 from forgepipe.layout import PROFILE_FILE
@@ -91,6 +97,197 @@ def _zeropp_requested(ds: DeepSpeedConfig) -> str | None:
     return None
 
 
+def effective_zero_stage(ds: DeepSpeedConfig) -> int | str:
+    """The stage the model runs at: resolved at launch, else as configured ("auto" until resolved)."""
+    return ds.zero_stage if ds.zero_stage_resolved is None else ds.zero_stage_resolved
+
+
+def engine_stages(cfg: Config) -> dict[str, int | str]:
+    """The ZeRO stage of each of a run's engines: "model" (the trained one; PPO's actor), "critic",
+    and "ref" (the frozen models: DPO's reference, PPO's reference and reward model). Resolved values
+    when set, else as configured; PPO's None follows the actor."""
+    actor = effective_zero_stage(cfg.deepspeed)
+    p = cfg.ppo
+    critic = p.critic_zero_stage_resolved if p.critic_zero_stage_resolved is not None else p.critic_zero_stage
+    ref = p.ref_zero_stage_resolved if p.ref_zero_stage_resolved is not None else p.ref_zero_stage
+    return {"model": actor, "critic": actor if critic is None else critic, "ref": actor if ref is None else ref}
+
+
+# ---------------------------------------------------------------------------
+# --zero-stage auto
+
+# The share of a device's memory that auto lets the models' parameters, gradients and optimizer state
+# take. The rest is for what is not known before the first step: activations (they grow with batch and
+# sequence length), DeepSpeed's communication buckets and prefetch, the allocator's fragmentation and,
+# in PPO, generation's KV cache. 60% of a 64 GiB MI250X GCD leaves ~25 GiB.
+AUTO_MEMORY_FRACTION = 0.6
+GIB = 1 << 30
+
+
+class StateBytes(NamedTuple):
+    """Bytes per parameter of a trained model's state, split as ZeRO partitions it."""
+
+    param: int
+    grad: int
+    optim: int  # optimizer state: fp32 master copy (mixed precision) and Adam's two moments
+
+    @property
+    def total(self) -> int:
+        return self.param + self.grad + self.optim
+
+
+def state_bytes(dtype: str) -> StateBytes:
+    """bf16/fp16: 2-byte parameters and gradients, 12 bytes of fp32 master + Adam moments (16 in all);
+    fp32: 4 + 4 + 8 (16 too). A frozen model holds its parameters only (`param`)."""
+    return StateBytes(2, 2, 12) if dtype in ("bf16", "fp16") else StateBytes(4, 4, 8)
+
+
+def zero_state_bytes(n_params: float, state: StateBytes, stage: int, world_size: int, *, trained: bool = True,
+                     offload: bool = False) -> float:
+    """Per-rank device bytes of one model's parameters, gradients and optimizer state at `stage`:
+    stage 1 partitions the optimizer state over the ranks, 2 also the gradients, 3 also the parameters.
+    A frozen model holds parameters only (stages 1-2 are stage 0 for it). With offload the optimizer
+    state lives on the host at stages 1-3, and at stage 3 the parameters too."""
+    ranks = max(1, world_size)
+    param = n_params * state.param
+    if stage == 3:
+        param = 0.0 if offload else param / ranks
+    if not trained:
+        return param
+    grad = n_params * state.grad / (ranks if stage >= 2 else 1)
+    optim = 0.0 if offload and stage >= 1 else n_params * state.optim / (ranks if stage >= 1 else 1)
+    return param + grad + optim
+
+
+class AutoModel(NamedTuple):
+    """One model whose stage follows auto: its size, whether it trains, the lowest stage it may take."""
+
+    n_params: float
+    trained: bool = True
+    minimum: int = 0
+
+
+def choose_joint_stage(models: list[AutoModel], state: StateBytes, world_size: int, device_bytes: float, *,
+                       fixed_bytes: float = 0.0, offload: bool = False) -> int:
+    """The lowest stage s such that the `models` (each at max(s, its minimum)) plus `fixed_bytes` (the
+    engines at explicit stages) fit AUTO_MEMORY_FRACTION of `device_bytes`; 3 when none does."""
+    budget = AUTO_MEMORY_FRACTION * device_bytes
+    for stage in (0, 1, 2, 3):
+        need = fixed_bytes + sum(zero_state_bytes(m.n_params, state, max(stage, m.minimum), world_size,
+                                                  trained=m.trained, offload=offload) for m in models)
+        if need <= budget:
+            return stage
+    return 3
+
+
+def choose_zero_stage(n_params: float, state: StateBytes, world_size: int, device_bytes: float,
+                      trained: bool = True, *, offload: bool = False, minimum: int = 0) -> int:
+    """The lowest ZeRO stage (from `minimum`) at which one model's state per rank takes at most
+    AUTO_MEMORY_FRACTION of `device_bytes`; 3 when none does. With one rank stages 1-2 save nothing,
+    so a model that fits gets 0; a frozen model gets 0 or 3."""
+    return max(minimum, choose_joint_stage([AutoModel(n_params, trained, minimum)], state, world_size, device_bytes,
+                                           offload=offload))
+
+
+class ZeroPlan(NamedTuple):
+    """What --zero-stage auto resolved to: the stages of engine_stages' engines, and the line that says why."""
+
+    model: int
+    critic: int
+    ref: int
+    line: str
+    fits: bool = True
+
+
+def _billions(n: float) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e8 else f"{n / 1e6:.3g}M"
+
+
+def plan_zero_stages(cfg: Config, world: World, counts: dict[str, int | None], device_bytes: float,
+                     device: str = "device") -> ZeroPlan | None:
+    """Resolve every "auto" stage of the run's engines (None when none is auto), from the parameter
+    counts of its models ("model", and "ref", "critic", "reward" where the stage has them; None:
+    unknown) and the memory of one rank's device.
+
+    The engines on one device: SFT/reward the model; DPO the policy and, unless it is reference-free,
+    shares the policy's weights (LoRA) or is precomputed, the frozen reference; PPO the actor, the
+    critic (trained), the reference and the reward model (frozen). The engines whose stage is auto or
+    follows an auto one share one stage s (each at least its minimum: 3 for the ZeRO++ actor, 1 for a
+    trained engine with --offload cpu), the lowest at which they all fit together beside the engines
+    at explicit stages. A LoRA model counts as frozen (adapters and their state are negligible)."""
+    ds, p = cfg.deepspeed, cfg.ppo
+    state = state_bytes(cfg.train.dtype)
+    offload = ds.offload == "cpu"
+    # (name, count key, trained, group): group "model" follows the actor's setting, else its own.
+    engines = [("model", "model", cfg.model.lora_dim == 0, "model")]
+    if cfg.stage == "dpo" and cfg.dpo.loss != "simpo" and not cfg.dpo.precompute_ref \
+            and (cfg.dpo.ref_model or cfg.model.lora_dim == 0):
+        engines.append(("ref", "ref" if cfg.dpo.ref_model else "model", False, "model"))
+    settings: dict[str, Any] = {"model": ds.zero_stage}  # group -> its setting (None: follows "model")
+    if cfg.stage == "ppo":
+        settings |= {k: v for k, v in (("critic", p.critic_zero_stage), ("ref", p.ref_zero_stage)) if v is not None}
+        engines += [("critic", "critic", p.critic_lora_dim == 0, "critic" if "critic" in settings else "model"),
+                    ("ref", "model", False, "ref" if "ref" in settings else "model"),
+                    ("reward", "reward", False, "ref" if "ref" in settings else "model")]
+    auto_groups = {g for g, v in settings.items() if v == "auto"}
+    if not auto_groups:
+        return None
+    minimum = {g: 0 for g in settings}
+    if offload:
+        for _, _, trained, group in engines:
+            minimum[group] = max(minimum[group], 1 if trained else 0)
+    if _zeropp_requested(ds):
+        minimum["model"] = 3
+    fixed = {g: v for g, v in settings.items() if v != "auto"}
+    auto_models, fixed_bytes, unknown = [], 0.0, []
+    for name, key, trained, group in engines:
+        n = counts.get(key)
+        if n is None:
+            unknown.append(name)
+            continue
+        if group in auto_groups:
+            auto_models.append(AutoModel(n, trained, minimum[group]))
+        else:
+            fixed_bytes += zero_state_bytes(n, state, fixed[group], world.world_size, trained=trained, offload=offload)
+    if unknown:
+        stage = 3  # the most partitioned: what the default was before auto
+    else:
+        stage = choose_joint_stage(auto_models, state, world.world_size, device_bytes,
+                                   fixed_bytes=fixed_bytes, offload=offload)
+    resolved = {g: (max(stage, minimum[g]) if g in auto_groups else fixed[g]) for g in settings}
+    if "ref" in auto_groups and resolved["ref"] in (1, 2):
+        resolved["ref"] = 0  # frozen models: stages 1-2 partition nothing they hold
+    need = sum(zero_state_bytes(counts[key], state, resolved[group], world.world_size, trained=trained,
+                                offload=offload) for _, key, trained, group in engines if counts.get(key) is not None)
+    fits = not unknown and need <= AUTO_MEMORY_FRACTION * device_bytes
+    plan_stages = {"model": resolved["model"], "critic": resolved.get("critic", resolved["model"]),
+                   "ref": resolved.get("ref", resolved["model"])}
+    line = _plan_line(cfg, engines, counts, plan_stages, auto_groups, state, world, device_bytes, device, unknown)
+    return ZeroPlan(plan_stages["model"], plan_stages["critic"], plan_stages["ref"], line, fits)
+
+
+def _plan_line(cfg, engines, counts, stages, auto_groups, state, world, device_bytes, device, unknown) -> str:
+    """`zero stage: auto -> 2 (1.3B params, 16 B/param, 8 ranks, 64 GiB/device)`, and PPO's other engines."""
+    head = f"zero stage: {cfg.deepspeed.zero_stage} -> {stages['model']}"
+    if "model" not in auto_groups:
+        head = f"zero stage: {stages['model']}"
+    if unknown:
+        return (f"{head} (parameter count of {', '.join(unknown)} unknown: not a local model directory; "
+                "auto takes the most partitioned stage)")
+    if len(engines) == 1:
+        trained = engines[0][2]
+        size = f"{_billions(counts['model'])} params, {state.total if trained else state.param} B/param"
+        if not trained:
+            size += " (LoRA: the base is frozen)"
+    else:
+        size = ", ".join(f"{name} {_billions(counts[key])}" for name, key, _, _ in engines)
+        size += f" params, {state.total} B/param trained, {state.param} frozen"
+    line = f"{head} ({size}, {world.world_size} ranks, {device_bytes / GIB:.3g} GiB/{device})"
+    extra = [f"{name} {'auto -> ' if name in auto_groups else ''}{stages[name]}" for name in ("critic", "ref")
+             if cfg.stage == "ppo"]
+    return line + (f"; {', '.join(extra)}" if extra else "")
+
+
 # ---------------------------------------------------------------------------
 # Checks
 
@@ -100,15 +297,15 @@ def validate_static(cfg: Config) -> None:
     ds = cfg.deepspeed
     zero = label("deepspeed.zero_stage")
     key = _zeropp_requested(ds)
-    if key and ds.zero_stage != 3:
+    if key and ds.zero_stage not in (3, "auto"):  # auto resolves to 3
         raise ForgeError(f"ZeRO++ (qwZ/hpZ/qgZ) works only with {zero} 3 in DeepSpeed, got {zero} {ds.zero_stage}",
                          key=key)
-    if ds.offload == "cpu" and ds.zero_stage < 1:
+    if ds.offload == "cpu" and ds.zero_stage == 0:  # auto resolves to 1 or more
         raise ForgeError(f"{label('deepspeed.offload')} cpu: needs {zero} 1, 2 or 3 "
                          "(stage 0 has no optimizer state to offload)")
     if cfg.stage == "ppo":
         critic_stage = ds.zero_stage if cfg.ppo.critic_zero_stage is None else cfg.ppo.critic_zero_stage
-        if ds.offload == "cpu" and critic_stage < 1:
+        if ds.offload == "cpu" and critic_stage == 0:
             raise ForgeError(f"{label('deepspeed.offload')} cpu: needs {label('ppo.critic_zero_stage')} 1, 2 or 3 "
                              "(the critic trains with ZeRO too)")
 
@@ -125,7 +322,7 @@ def validate_launch(cfg: Config, world: World, *, has_gpu: bool) -> None:
         )
     hpz = resolve_hpz_size(ds, world)
     # hpZ's secondary copy must stay inside a node; as nodes are full, dividing the node divides the world.
-    if ds.zero_stage == 3 and hpz > 1 and world.local_world_size % hpz:
+    if effective_zero_stage(ds) in (3, "auto") and hpz > 1 and world.local_world_size % hpz:  # hpZ: auto is 3
         raise ForgeError(f"{hpz} must divide ranks per node ({world.local_world_size}) and the world size",
                          key="deepspeed.hpz_size")
     if not has_gpu and (quantized_weights(ds) or quantized_gradients(ds)):
@@ -233,8 +430,11 @@ def build_ds_config(
     """
     ds = cfg.deepspeed
     t = cfg.train
-    stage = ds.zero_stage if zero_stage is None else zero_stage
+    stage = effective_zero_stage(ds) if zero_stage is None else zero_stage
     offload = ds.offload if offload is None else offload
+    if stage == "auto":
+        raise ForgeError("auto is resolved at launch (preflight.resolve_zero_stage) before the DeepSpeed JSON "
+                         "is built", key="deepspeed.zero_stage")
     if stage not in (0, 1, 2, 3):
         raise ForgeError(f"{stage!r} is not one of 0, 1, 2, 3", key="deepspeed.zero_stage")
     if offload not in ("none", "cpu"):

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import math
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,8 @@ from forgepipe.layout import (
     resolve_stage_output,
 )
 from forgepipe.options import label
+
+log = logging.getLogger(__name__)
 
 FULL_SCAN_BYTES = 256 << 20  # larger JSON files: only their first SCAN_LINES lines are read here
 SCAN_LINES = 1000
@@ -137,11 +142,37 @@ NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tr
                 "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources", "dpo.ref_model"}
 
 
+# ZeRO stage settings and where launch records what they resolved to (--zero-stage auto).
+RESOLVED_STAGE = {"deepspeed.zero_stage": "deepspeed.zero_stage_resolved",
+                  "ppo.critic_zero_stage": "ppo.critic_zero_stage_resolved",
+                  "ppo.ref_zero_stage": "ppo.ref_zero_stage_resolved"}
+
+
+def effective_stages(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config with each ZeRO stage setting replaced by the stage it ran at (the resolved
+    value where there is one; PPO's None follows the actor) and the resolved keys dropped: a run is
+    compared by the stages its engines ran at, so `auto` resolving as before (or an explicit 3 where
+    an older run had the default 3) is no change. "auto" not resolved yet (preflight, before launch)
+    compares as equal to anything; StageContext.begin compares again once it is resolved."""
+    out = {k: v for k, v in flat.items() if k not in RESOLVED_STAGE.values()}
+    for key, resolved in RESOLVED_STAGE.items():
+        if key in flat:
+            value = flat.get(resolved) if flat.get(resolved) is not None else flat[key]
+            if value is None and key != "deepspeed.zero_stage":
+                value = out.get("deepspeed.zero_stage")
+            out[key] = value
+    return out
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """(honoured, refused) changes between two flattened configs: key -> (old, new). A key only one
-    side has came or went with a forgepipe upgrade between the two runs: nothing the user changed."""
+    side has came or went with a forgepipe upgrade between the two runs: nothing the user changed.
+    ZeRO stages compare as run (effective_stages)."""
     honoured, refused = {}, {}
+    old, new = effective_stages(old), effective_stages(new)
     for key in sorted(set(old) & set(new)):
+        if key in RESOLVED_STAGE and "auto" in (old[key], new[key]):
+            continue
         if key in NOT_COMPARED or old[key] == new[key]:
             continue
         (honoured if key in HONOURED_ON_RESUME else refused)[key] = (old[key], new[key])
@@ -165,7 +196,7 @@ def resume_changes(before: dict[str, Any], flat: dict[str, Any], world_size: int
     old_world = before.get("world_size")
     if old_world is not None and old_world != world_size:
         stage = flat.get("stage")
-        zero = flat.get("deepspeed.zero_stage")
+        zero = effective_stages(flat).get("deepspeed.zero_stage")  # "auto": checked again once resolved
         if stage not in WORLD_SIZE_STAGES or not old_config:
             raise ForgeError(f"{where} was written with world_size={old_world!r}, this run has "
                              f"{world_size!r}; stage {stage} resumes at the same number of ranks only", key="train.resume")
@@ -188,6 +219,9 @@ def resume_changes(before: dict[str, Any], flat: dict[str, Any], world_size: int
         honoured["world_size"] = (old_world, world_size)
     if refused:
         key, (old, new) = next(iter(refused.items()))
+        if key in RESOLVED_STAGE:
+            raise ForgeError(f"{where} was written at ZeRO stage {old!r}, this run has {new!r}; pass {label(key)} {old} "
+                             "to resume it, or start afresh with --overwrite", key="train.resume")
         raise ForgeError(f"{label(key)} cannot change on resume ({where} was written with "
                          f"{old!r}, this run has {new!r}); keep it, or start afresh with --overwrite", key="train.resume")
     return honoured
@@ -315,6 +349,109 @@ def check_finished(cfg: Config) -> None:
         click.echo(f"forgepipe: {line}")
     raise AlreadyFinished(line)
 
+
+
+# ---------------------------------------------------------------------------
+# --zero-stage auto: the inputs of deepspeed_config.plan_zero_stages, read before DeepSpeed starts
+
+SAFETENSORS_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def safetensors_numel(path: Path) -> int:
+    """The number of values in a .safetensors file, from its JSON header alone (no tensor is read)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+
+
+def count_parameters(name: str, catalog: str | None, trust_remote_code: bool = False) -> int | None:
+    """A model's parameter count before it is loaded: exactly from its safetensors headers; else from
+    the size of its .bin weights over config.json's dtype; else (a Hub id, .bin-less directory) from
+    its config built on the meta device (engine.parameter_count); None when none of these works."""
+    try:
+        path = _model_dir(name, catalog, "model")
+    except ForgeError:
+        return None
+    try:
+        if path is not None:
+            files = sorted(path.glob("*.safetensors"))
+            if files:
+                return sum(safetensors_numel(f) for f in files)
+            weights = sorted(path.glob("pytorch_model*.bin"))
+            if weights:
+                config = json.loads((path / "config.json").read_text())
+                per_value = SAFETENSORS_DTYPE_BYTES.get(str(config.get("torch_dtype")), 4)
+                return sum(w.stat().st_size for w in weights) // per_value
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from forgepipe.engine import parameter_count
+
+        config = AutoConfig.from_pretrained(str(path or name), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return parameter_count(model)
+    except Exception as exc:  # noqa: BLE001 - any failure means "unknown": auto then takes stage 3
+        log.debug("parameter count of %s unknown: %s", name, exc)
+        return None
+
+
+def model_counts(cfg: Config) -> dict[str, int | None]:
+    """Parameter counts of the models a stage's engines hold (plan_zero_stages' keys)."""
+    m, p = cfg.model, cfg.ppo
+    names = {"model": m.name_or_path}
+    if cfg.stage == "dpo" and cfg.dpo.ref_model:
+        names["ref"] = cfg.dpo.ref_model
+    if cfg.stage == "ppo":
+        names |= {"critic": p.critic_model or p.reward_model, "reward": p.reward_model}
+    by_name: dict[str, int | None] = {}
+    for name in set(names.values()):
+        by_name[name] = count_parameters(name, m.catalog, m.trust_remote_code) if name else None
+    return {key: by_name[name] for key, name in names.items()}
+
+
+def device_memory(world: Any) -> tuple[int, str]:
+    """(bytes, what) of the memory one rank's models live in. On a GPU its total memory
+    (torch.cuda.get_device_properties). Without one, the host's physical memory shared by the
+    ranks on the node: the total rather than what is free now, so that every rank, and a resumed
+    run, resolve to the same stage."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "device"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // max(1, world.local_world_size), "rank of host memory"
+
+
+def resolve_zero_stage(cfg: Config, world: Any) -> None:
+    """Apply --zero-stage auto (deepspeed_config.plan_zero_stages) before DeepSpeed starts: the stages
+    go into `deepspeed.zero_stage_resolved` and PPO's `ppo.*_zero_stage_resolved` (logged to MLflow
+    with the config, and what build_ds_config reads), and one line says why. Rank 0's answer is every
+    rank's. Explicit stages are recorded as given."""
+    from forgepipe import distributed as dist
+    from forgepipe.deepspeed_config import AUTO_MEMORY_FRACTION, plan_zero_stages
+
+    ds, p = cfg.deepspeed, cfg.ppo
+    uses_auto = "auto" in (ds.zero_stage, p.critic_zero_stage, p.ref_zero_stage) if cfg.stage == "ppo" \
+        else ds.zero_stage == "auto"
+    plan = None
+    if uses_auto:
+        device_bytes, device = device_memory(world)
+        plan = dist.broadcast_object(plan_zero_stages(cfg, world, model_counts(cfg), device_bytes, device))
+    if plan is None:
+        ds.zero_stage_resolved = ds.zero_stage
+        if cfg.stage == "ppo":
+            p.critic_zero_stage_resolved = ds.zero_stage if p.critic_zero_stage is None else p.critic_zero_stage
+            p.ref_zero_stage_resolved = ds.zero_stage if p.ref_zero_stage is None else p.ref_zero_stage
+        return
+    ds.zero_stage_resolved = plan.model
+    if cfg.stage == "ppo":
+        p.critic_zero_stage_resolved, p.ref_zero_stage_resolved = plan.critic, plan.ref
+    log.info(plan.line)
+    if not plan.fits and "unknown" not in plan.line:
+        log.warning("the models' state per rank exceeds %d%% of the memory even at ZeRO stage %d; "
+                    "--offload cpu or more ranks would make room", round(AUTO_MEMORY_FRACTION * 100), plan.model)
 
 
 # ---------------------------------------------------------------------------

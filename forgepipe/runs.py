@@ -252,7 +252,7 @@ def zero_of(run) -> str:
         return tags["zero"]
     if "deepspeed.zero_stage" not in p:
         return "-"
-    label = f"z{p['deepspeed.zero_stage']}"
+    label = f"z{p.get('deepspeed.zero_stage_resolved', p['deepspeed.zero_stage'])}"
     if p.get("deepspeed.zeropp") == "True":
         label += "++"
     if p.get("deepspeed.offload") not in (None, "none", "None"):
@@ -566,7 +566,8 @@ def option_table(stage: str) -> tuple[list[tuple[str, str, str]], set[str]]:
 # there answers "already finished: nothing to do"), so the command trains afresh beside it.
 RERUN_SUFFIX = "-rerun"
 # How the original run was started, not what it trained: a fresh output directory needs neither.
-NOT_REPEATED = {"train.resume", "overwrite"}
+NOT_REPEATED = {"train.resume", "overwrite",  # and what a launch sets itself (--zero-stage auto):
+                "deepspeed.zero_stage_resolved", "ppo.critic_zero_stage_resolved", "ppo.ref_zero_stage_resolved"}
 
 
 def command_line(stage: str, config_yaml: str) -> tuple[str, dict[str, Any]]:

@@ -166,7 +166,7 @@ def short_model_name(name_or_path: str) -> str:
 def zero_label(cfg: Config) -> str:
     """ZeRO stage with its options in a few characters: z0, z2+off, z3++ (ZeRO++), z3+qw."""
     d = cfg.deepspeed
-    label = f"z{d.zero_stage}"
+    label = f"z{d.zero_stage if d.zero_stage_resolved is None else d.zero_stage_resolved}"  # auto: as resolved
     if d.zeropp:
         label += "++"
     else:

@@ -21,7 +21,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 def test_flat_keys_are_dotted():
     flat = Config().flat()
-    assert flat["deepspeed.zero_stage"] == 3
+    assert flat["deepspeed.zero_stage"] == "auto" and flat["deepspeed.zero_stage_resolved"] is None
     assert "ppo.kl_coef" in flat and "model.lora_dim" in flat
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
 
@@ -29,7 +29,7 @@ def test_flat_keys_are_dotted():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"deepspeed.zero_stage": "4"}, "--zero-stage: '4' is not one of 0, 1, 2, 3"),
+        ({"deepspeed.zero_stage": "4"}, "--zero-stage: '4' is not one of auto, 0, 1, 2, 3"),
         ({"train.lr": "fast"}, "--lr: expected a number"),
         ({"train.per_device_batch_size": 0}, "--per-device-batch-size: must be at least 1"),
         ({"data.split": "2,4"}, "--data-split"),

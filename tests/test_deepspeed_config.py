@@ -9,10 +9,16 @@ import torch
 
 from forgepipe.config import Config, build_config, validate
 from forgepipe.deepspeed_config import (
+    AUTO_MEMORY_FRACTION,
+    GIB,
     build_ds_config,
+    choose_zero_stage,
+    plan_zero_stages,
     resolve_hpz_size,
+    state_bytes,
     validate_launch,
     validate_static,
+    zero_state_bytes,
     zeropp_block,
 )
 from forgepipe.distributed import World
@@ -22,6 +28,8 @@ NODE8_X2 = World(rank=0, world_size=16, local_world_size=8)
 
 
 def make(stage: str = "sft", **deepspeed) -> Config:
+    """A config with these deepspeed.* settings; zero_stage 3 unless given (auto needs a launch)."""
+    deepspeed.setdefault("zero_stage", 3)
     cfg = Config(stage=stage)
     for key, value in deepspeed.items():
         setattr(cfg.deepspeed, key, value)
@@ -361,3 +369,204 @@ def test_deepspeed_reads_the_communication_dtype():
     parsed = DSConfig(build_ds_config(cfg, World()))
     assert parsed.bfloat16_config.enabled and parsed.communication_data_type == torch.float16
     assert parsed.zero_config.zero_quantized_gradients
+
+
+# ---------------------------------------------------------------------------
+# --zero-stage auto (issue 23): the rule by hand, the plan per stage, the launch, resume
+
+BF16, FP32 = state_bytes("bf16"), state_bytes("fp32")
+NODE8 = World(world_size=8, local_world_size=8)
+
+
+def test_state_bytes_and_per_rank_bytes():
+    assert AUTO_MEMORY_FRACTION == 0.6
+    assert BF16 == (2, 2, 12) and BF16.total == 16 and FP32.total == 16 and state_bytes("fp16") == BF16
+    # 8B params on 8 ranks, bf16: stage 0 = 16 B/param; 1: 2+2 + 12/8; 2: 2 + 14/8; 3: 16/8.
+    assert [zero_state_bytes(8e9, BF16, s, 8) / 1e9 for s in (0, 1, 2, 3)] == [128, 44, 30, 16]
+    assert zero_state_bytes(8e9, BF16, 2, 8, trained=False) == 16e9  # frozen: parameters only
+    assert zero_state_bytes(8e9, BF16, 3, 8, trained=False) == 2e9
+    # offload: no optimizer state on the device at 1-3, no parameters at 3
+    assert zero_state_bytes(8e9, BF16, 2, 8, offload=True) == 16e9 + 2e9 and zero_state_bytes(8e9, BF16, 3, 8,
+                                                                                                offload=True) == 2e9
+
+
+@pytest.mark.parametrize(
+    ("n_params", "state", "ranks", "gib", "trained", "stage"),
+    [
+        (1.3e9, BF16, 1, 64, True, 0),  # 20.8 GB <= 0.6 x 68.7 GB = 41.2 GB
+        (1.3e9, BF16, 8, 64, True, 0),
+        (7e9, BF16, 8, 64, True, 1),  # 0: 112 GB; 1: 28 + 84/8 = 38.5 GB
+        (8e9, BF16, 8, 64, True, 2),  # 1: 32 + 12 = 44 GB; 2: 16 + 14 = 30 GB
+        (13e9, BF16, 8, 64, True, 3),  # 2: 26 + 22.75 = 48.75 GB; 3: 26 GB
+        (25.6e9, BF16, 16, 64, True, 3),  # forge-l on two Frontier nodes: 25.6 GB at stage 3
+        (1.3e9, FP32, 1, 64, True, 0),  # fp32 is 4 + 4 + 8 = 16 B too
+        (13e9, BF16, 1, 64, False, 0),  # frozen: 26 GB of parameters
+        (13e9, FP32, 1, 64, False, 3),  # frozen fp32: 52 GB > 41.2 GB
+        (25.6e9, BF16, 8, 64, False, 3),  # frozen never takes 1-2: 51.2 GB at 0-2, 6.4 GB at 3
+        (1.3e9, BF16, 1, 16, True, 3),  # fits nowhere (10.3 GB budget): the most partitioned stage
+        (70e9, BF16, 8, 64, True, 3),  # 140 GB even at stage 3
+    ],
+)
+def test_choose_zero_stage_by_hand(n_params, state, ranks, gib, trained, stage):
+    assert choose_zero_stage(n_params, state, ranks, gib * GIB, trained) == stage
+
+
+def test_choose_zero_stage_minimum_and_offload():
+    assert choose_zero_stage(1e6, BF16, 8, 64 * GIB, minimum=3) == 3  # ZeRO++
+    assert choose_zero_stage(1e6, BF16, 8, 64 * GIB, offload=True, minimum=1) == 1  # offload needs >= 1
+    # 13B on 8 x 64 GiB: stage 3 without offload, stage 2 with (26 + 3.25 GB on the device).
+    assert choose_zero_stage(13e9, BF16, 8, 64 * GIB, offload=True, minimum=1) == 2
+
+
+@pytest.mark.parametrize("n_params", [1e6, 1e9, 2e9, 3e9, 5e9, 1e11])
+def test_one_rank_never_picks_stage_1_or_2(n_params):
+    assert choose_zero_stage(n_params, BF16, 1, 64 * GIB) in (0, 3)
+
+
+def plan(stage="sft", counts=None, world=NODE8, gib=64, **settings):
+    cfg = make(stage, zero_stage="auto")
+    for key, value in settings.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return plan_zero_stages(cfg, world, counts or {"model": 1.3e9}, gib * GIB)
+
+
+def test_plan_line_and_explicit_stages():
+    p = plan(counts={"model": 8e9})
+    assert p.model == 2 and p.fits
+    assert p.line == "zero stage: auto -> 2 (8B params, 16 B/param, 8 ranks, 64 GiB/device)"
+    assert plan(counts={"model": 1.3e9}, world=World()).line == \
+        "zero stage: auto -> 0 (1.3B params, 16 B/param, 1 ranks, 64 GiB/device)"
+    assert plan(deepspeed__zero_stage=2) is None  # explicit: nothing to resolve
+    lora = plan(counts={"model": 13e9}, world=World(), model__lora_dim=8)
+    assert lora.model == 0 and "2 B/param (LoRA" in lora.line  # 26 GB of frozen base
+
+
+def test_plan_zeropp_and_offload_raise_auto():
+    assert plan(deepspeed__zeropp=True).model == 3
+    assert plan(deepspeed__hpz_size=8).model == 3
+    assert plan(deepspeed__offload="cpu").model == 1
+    assert plan(deepspeed__offload="cpu", counts={"model": 13e9}).model == 2
+
+
+def test_plan_unknown_parameter_count_takes_stage_3():
+    p = plan(counts={"model": None})
+    assert p.model == 3 and not p.fits and "unknown" in p.line
+
+
+def test_plan_dpo_counts_the_reference():
+    # 1.2B alone fits one 32 GiB device (19.2 GB <= 20.6 GB); with its frozen reference (2.4 GB) it does not.
+    one = World()
+    assert plan("sft", {"model": 1.2e9}, one, 32).model == 0
+    assert plan("dpo", {"model": 1.2e9}, one, 32).model == 3
+    assert plan("dpo", {"model": 1.2e9}, one, 32, dpo__loss="simpo").model == 0  # reference-free
+    assert plan("dpo", {"model": 1.2e9}, one, 32, model__lora_dim=8).model == 0  # reference = adapters off
+    assert plan("dpo", {"model": 1.2e9}, one, 32, dpo__precompute_ref=True).model == 0  # freed before training
+
+
+def test_plan_ppo_engines():
+    counts = {"model": 7e9, "critic": 1e9, "reward": 1e9}
+    # All four follow the actor: 0: 112+16+14+2 GB; 1: 38.5+5.5+16 = 60 GB; 2: 32+16 = 48 GB; 3: 18 GB.
+    p = plan("ppo", counts)
+    assert (p.model, p.critic, p.ref) == (3, 3, 3)
+    assert p.line.startswith("zero stage: auto -> 3 (model 7B, critic 1B, ref 7B, reward 1B params, "
+                             "16 B/param trained, 2 frozen, 8 ranks, 64 GiB/device); critic 3, ref 3")
+    small = plan("ppo", {"model": 1.3e9, "critic": 3.5e8, "reward": 3.5e8})
+    assert (small.model, small.critic, small.ref) == (0, 0, 0)
+    # Actor and critic at an explicit 2 (32 GB), reference and reward auto: 16 GB at 0 does not fit, 2 GB at 3 does.
+    p = plan("ppo", counts, deepspeed__zero_stage=2, ppo__ref_zero_stage="auto")
+    assert (p.model, p.critic, p.ref) == (2, 2, 3) and p.line.endswith("critic 2, ref auto -> 3")
+    # ZeRO++ makes the actor 3; an auto critic and reference take the lowest stage that fits beside it.
+    p = plan("ppo", {"model": 1.3e9, "critic": 3.5e8, "reward": 3.5e8}, deepspeed__zeropp=True,
+             ppo__critic_zero_stage="auto", ppo__ref_zero_stage="auto")
+    assert (p.model, p.critic, p.ref) == (3, 0, 0)
+
+
+def test_auto_in_static_checks_and_the_builder():
+    validate_static(make(zero_stage="auto", zeropp=True))  # auto becomes 3
+    validate_static(make(zero_stage="auto", offload="cpu"))  # auto becomes >= 1
+    cfg = make("ppo", zero_stage="auto", offload="cpu")
+    cfg.ppo.critic_zero_stage = "auto"
+    validate_static(cfg)
+    cfg.ppo.critic_zero_stage = 0
+    with pytest.raises(ForgeError, match="^--offload cpu: needs --critic-zero-stage"):
+        validate_static(cfg)
+    with pytest.raises(ForgeError, match="^--zero-stage: auto is resolved at launch"):
+        build_ds_config(make(zero_stage="auto"), World())
+    cfg = make(zero_stage="auto", zeropp=True)
+    cfg.deepspeed.zero_stage_resolved = 3
+    js = build_ds_config(cfg, NODE8_X2)
+    assert js["zero_optimization"]["stage"] == 3 and js["communication_data_type"] == "fp16"
+    validate_launch(cfg, NODE8_X2, has_gpu=True)
+
+
+def test_auto_is_the_default_and_an_option():
+    from forgepipe.cli import _field, click_type
+
+    assert Config().deepspeed.zero_stage == "auto"
+    assert list(click_type(_field("deepspeed.zero_stage")[0]).choices) == ["auto", "0", "1", "2", "3"]
+    assert list(click_type(_field("ppo.critic_zero_stage")[0]).choices) == ["auto", "0", "1", "2", "3"]
+    cfg = build_config("ppo", overrides={"deepspeed.zero_stage": "2", "ppo.ref_zero_stage": "auto"})
+    assert cfg.deepspeed.zero_stage == 2 and cfg.ppo.ref_zero_stage == "auto"
+
+
+def test_resolve_zero_stage_at_launch(tiny_model, caplog):
+    """The launch resolves auto from the model's safetensors headers and the memory (host memory here)."""
+    from transformers import AutoModelForCausalLM
+
+    from forgepipe.engine import parameter_count
+    from forgepipe.preflight import count_parameters, resolve_zero_stage
+
+    n = count_parameters(str(tiny_model), None)
+    assert n == parameter_count(AutoModelForCausalLM.from_pretrained(tiny_model))
+    cfg = build_config("sft", overrides={"model.name_or_path": str(tiny_model)})
+    with caplog.at_level("INFO", logger="forgepipe.preflight"):
+        resolve_zero_stage(cfg, World())
+    assert cfg.deepspeed.zero_stage == "auto" and cfg.deepspeed.zero_stage_resolved == 0
+    assert re.search(r"zero stage: auto -> 0 \([\d.]+M params, 16 B/param, 1 ranks, [\d.]+ GiB/rank of host memory\)",
+                     caplog.text)
+    assert cfg.flat()["deepspeed.zero_stage_resolved"] == 0  # logged to MLflow with the config
+    assert build_ds_config(cfg, World())["zero_optimization"]["stage"] == 0
+    # Explicit stages are recorded as given; PPO's None follows the actor.
+    cfg = build_config("ppo", overrides={"deepspeed.zero_stage": 2, "ppo.ref_zero_stage": 3})
+    resolve_zero_stage(cfg, World())
+    assert (cfg.deepspeed.zero_stage_resolved, cfg.ppo.critic_zero_stage_resolved,
+            cfg.ppo.ref_zero_stage_resolved) == (2, 2, 3)
+
+
+def test_resolve_zero_stage_ppo_engines(tiny_model):
+    from forgepipe.preflight import resolve_zero_stage
+    from forgepipe.stages.ppo.trainer import ppo_ds_configs
+
+    cfg = build_config("ppo", overrides={"model.name_or_path": str(tiny_model), "ppo.reward_model": str(tiny_model),
+                                         "ppo.critic_zero_stage": "auto"})
+    resolve_zero_stage(cfg, World())
+    js = ppo_ds_configs(cfg, World())
+    assert {name: j["zero_optimization"]["stage"] for name, j in js.items()} == \
+        {"actor": 0, "critic": 0, "ref": 0, "reward": 0}
+
+
+def test_resume_compares_the_stages_run():
+    from forgepipe.preflight import config_changes, resume_changes
+
+    old = {"deepspeed.zero_stage": 3, "ppo.critic_zero_stage": None}  # written before auto existed
+    same = {"deepspeed.zero_stage": "auto", "deepspeed.zero_stage_resolved": 3, "ppo.critic_zero_stage": None,
+            "ppo.critic_zero_stage_resolved": 3}
+    assert config_changes(old, same) == ({}, {})
+    unresolved = {"deepspeed.zero_stage": "auto", "deepspeed.zero_stage_resolved": None}  # preflight
+    assert config_changes(old, unresolved) == ({}, {})
+    other = {**same, "deepspeed.zero_stage_resolved": 2, "ppo.critic_zero_stage_resolved": 2}
+    assert config_changes(old, other)[1]["deepspeed.zero_stage"] == (3, 2)
+    with pytest.raises(ForgeError, match=r"^--resume: ckpt was written at ZeRO stage 3, this run has 2; pass "
+                                         r"--zero-stage 3 to resume it"):
+        resume_changes({"config": old, "world_size": 1}, other, 1, "ckpt")
+
+
+def test_as_command_leaves_the_resolved_stage_out():
+    """A run's config.yaml holds the stage auto resolved to; its command repeats --zero-stage auto (the default)."""
+    from forgepipe.runs import command_line
+
+    cfg = build_config("sft", overrides={"model.name_or_path": "forge-s", "output_dir": "/out/a"})
+    cfg.deepspeed.zero_stage_resolved = 2
+    command, left = command_line("sft", cfg.to_yaml())
+    assert "zero-stage" not in command and left == {}

@@ -28,7 +28,7 @@ from forgepipe.data.ledger import stage_line
 from forgepipe.deepspeed_config import validate_launch
 from forgepipe.errors import ForgeError
 from forgepipe.layout import CHECKPOINT_DIR, CONFIG_FILE, MODEL_SUBDIR, PROFILE_FILE, RUN_FILE
-from forgepipe.preflight import check_output_dir, earlier_run
+from forgepipe.preflight import check_output_dir, earlier_run, resolve_zero_stage
 from forgepipe.signals import STOP, Preempted, StartupStop, StopRequest
 from forgepipe.stages.record import RunRecord, check_resume
 
@@ -57,6 +57,7 @@ class StageContext:
         self._created_cache = not Path(self.cache_dir).exists()
         self._owns_process_group = not dist.is_initialized()  # a pipeline keeps one for all stages
         dist.init_distributed(self.world, timeout_minutes=self.cfg.train.dist_timeout_minutes)
+        resolve_zero_stage(self.cfg, self.world)  # --zero-stage auto, before any DeepSpeed JSON is built
         torch.manual_seed(self.cfg.train.seed)
         return self
 

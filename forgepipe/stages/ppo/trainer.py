@@ -24,7 +24,7 @@ from forgepipe.data import load_stage_data, load_text_data
 from forgepipe.data.chat_template import ChatRender, stop_token_id
 from forgepipe.data.collate import PromptCollator, SFTCollator
 from forgepipe.data.tokenize import tokenize_prompts, tokenize_text
-from forgepipe.deepspeed_config import build_ds_config
+from forgepipe.deepspeed_config import build_ds_config, engine_stages
 from forgepipe.errors import ForgeError
 from forgepipe.layout import MODEL_SUBDIR, StageResult, resolve_stage_output
 from forgepipe.loop import LoopSettings, drive, epoch_order, memory_metrics, rank_batches
@@ -336,8 +336,8 @@ def held_out_prompts(cfg: Config, eval_raw, tokenizer, cache_dir: str, chat: Cha
 def ppo_ds_configs(cfg: Config, world: dist.World) -> dict[str, dict]:
     """One DeepSpeed JSON per engine: ZeRO++ on the actor only, the frozen ones without an optimizer."""
     p = cfg.ppo
-    critic_stage = cfg.deepspeed.zero_stage if p.critic_zero_stage is None else p.critic_zero_stage
-    frozen_stage = cfg.deepspeed.zero_stage if p.ref_zero_stage is None else p.ref_zero_stage
+    stages = engine_stages(cfg)  # as resolved at launch (--zero-stage auto)
+    critic_stage, frozen_stage = stages["critic"], stages["ref"]
     ds_configs = {
         "actor": build_ds_config(cfg, world, zeropp=True),
         "critic": build_ds_config(cfg, world, zero_stage=critic_stage, zeropp=False, lr=p.critic_lr),
