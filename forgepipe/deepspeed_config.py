@@ -456,6 +456,10 @@ def build_ds_config(
         "zero_optimization": zero_block,
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device at the start of every
+        # forward and the end of every step (two host syncs a micro-batch); the loop measures throughput
+        # itself, from the host, at log steps only.
+        "timers": {"throughput": {"enabled": False}},
     }
     if zero_block.get("zero_quantized_gradients"):
         out["communication_data_type"] = QGZ_COMMUNICATION_DTYPE

@@ -107,8 +107,13 @@ def memory_metrics() -> dict[str, float]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A collated host batch on the engine's device (asynchronous copies; the host keeps its batch)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A collated host batch on the engine's device. Host tensors bound for a GPU are pinned first:
+    a copy from pageable memory blocks the host until the GPU has drained its queue (a device sync
+    per micro-batch), one from pinned memory is truly asynchronous (torch's caching host allocator
+    keeps the buffer alive until the copy is done)."""
+    pin = torch.device(device).type != "cpu"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+            if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def checkpoint_due(step: int, save_every: int, save_every_minutes: float, seconds_since_save: float) -> bool:

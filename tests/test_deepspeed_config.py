@@ -273,6 +273,7 @@ def test_deepspeed_initialize_and_step(one_rank, stage, dtype, offload):
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=js)
     assert engine.zero_optimization_stage() == stage
     assert engine.train_batch_size() == 2 and engine.gradient_clipping() == 1.0
+    assert engine.tput_timer.config.enabled is False  # DeepSpeed's default syncs the device every forward and step
     assert isinstance(engine.basic_optimizer, torch.optim.AdamW)  # torch_adam: no JIT-built op
     assert engine.zero_cpu_offload() is (offload == "cpu")
     x = torch.randn(2, 8, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
