@@ -87,6 +87,13 @@ gpu-check: ## Check a GPU machine: SFT/reward/PPO at ZeRO-2/3 on the FORGE-s sha
 gpu-wheels: ## Fetch wheels (.whl/) of the packages a CUDA/ROCm box without an index lacks, for gpu-check
 	bench/gpu_wheels.sh .whl
 
+# The training step against the hardware (matmul peak, attention kernels, a plain-PyTorch ceiling, forgepipe
+# lever by lever): one device call; GPU_PERF_ARGS="--deadline 540 --out $$OUT" on a lent machine.
+GPU_PERF_ARGS ?=
+.PHONY: gpu-perf
+gpu-perf: ## forgepipe's step vs a plain-PyTorch ceiling and the matmul peak on a GPU (bench/gpu_perf.py; CPU: tiny smoke)
+	$(GPU_PY) bench/gpu_perf.py $(GPU_PERF_ARGS)
+
 # The comparison on a GPU machine: `make gpu-bench-bundle` here (needs the bench env), carry .whl/ and
 # .gpu-bench/, then `make gpu-bench` there. The default contenders test the H200 profile's reading
 # (forgepipe at DeepSpeed-Chat's fixed shapes, and with lengths rounded to 64, beside both); OUT and
