@@ -56,9 +56,9 @@ PLANS = {
                  small_words=20),
 }
 # forgepipe rows, most telling first (a deadline cuts from the end): (name, stage, shape key, extra options).
-# "defaults" is today's default path at one rank; each "-x" row turns one lever back.
+# "defaults" is the default path (--zero-stage auto: 0 on one GPU); the other rows turn levers back.
 FORGEPIPE_ROWS = [
-    ("sft defaults (ZeRO-0)", "sft", "model", ["--zero-stage", "0"]),
+    ("sft defaults", "sft", "model", []),
     ("sft before: ZeRO-3, padding mask, sdpa", "sft", "model",
      ["--zero-stage", "3", "--padding-mask", "--attn-implementation", "sdpa"]),
     ("sft ZeRO-0, padding mask, sdpa", "sft", "model",
@@ -66,11 +66,11 @@ FORGEPIPE_ROWS = [
     ("sft ZeRO-0, no mask, sdpa (head 86 unpadded)", "sft", "model",
      ["--zero-stage", "0", "--attn-implementation", "sdpa"]),
     ("sft defaults at ZeRO-3", "sft", "model", ["--zero-stage", "3"]),
-    ("reward defaults (ZeRO-0)", "reward", "model", ["--zero-stage", "0"]),
-    ("dpo defaults (ZeRO-0)", "dpo", "model", ["--zero-stage", "0"]),
+    ("reward defaults", "reward", "model", []),
+    ("dpo defaults", "dpo", "model", []),
     ("reward before: ZeRO-3, padding mask, sdpa", "reward", "model",
      ["--zero-stage", "3", "--padding-mask", "--attn-implementation", "sdpa"]),
-    ("sft small defaults (ZeRO-0)", "sft", "small", ["--zero-stage", "0"]),
+    ("sft small defaults", "sft", "small", []),
     ("sft small before: ZeRO-2, padding mask", "sft", "small", ["--zero-stage", "2", "--padding-mask"]),
 ]
 
@@ -311,6 +311,9 @@ class Runner:
                 values = metrics.get(key, [])[1:] or metrics.get(key, [])
                 return statistics.median(values) if values else math.nan
 
+            params, tags = runs[0].data.params, runs[0].data.tags
+            row.note += (f" [ZeRO {params.get('deepspeed.zero_stage_resolved', params.get('deepspeed.zero_stage'))}, "
+                         f"attention {tags.get('attention', '?')}]")
             row.tokens_per_s = steady("perf/tokens_per_s")
             row.tflops = steady("perf/model_tflops_per_s")
             row.mfu = row.tflops / self.peak if self.peak else math.nan

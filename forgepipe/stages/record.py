@@ -122,6 +122,7 @@ class RunRecord:
             ds_json = {**ds_json, "checkpoint": {**ds_json.get("checkpoint", {}), "load_universal": True}}
         with zero3_loading(ds_json):
             model = build_model()
+        self._tag_attention(model)
         engine = initialize(model, ds_json, weight_decay=t.weight_decay, total_steps=total_steps or 0,
                             warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio)
         engine.forgepipe_lr = ds_json.get("optimizer", {}).get("params", {}).get("lr")  # for recompute_schedule
@@ -131,6 +132,15 @@ class RunRecord:
             engine.compile(compile_kwargs={"dynamic": True})
             log.info("torch.compile (dynamic shapes): the first steps include the compilation")
         return engine
+
+    def _tag_attention(self, model) -> None:
+        """MLflow tag `attention`: the attention implementation(s) the run's models use (models/attention.py),
+        so that a Frontier run reads against a GPU workstation's."""
+        name = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if name is None:
+            return
+        self._attention = sorted({*getattr(self, "_attention", []), name})
+        self.tracker.set_tags({"attention": ",".join(self._attention)})
 
     def resume(self, engines: dict[str, Any]) -> None:
         """Training starts: restore engines, RNG and loop state from the checkpoint, if any."""
