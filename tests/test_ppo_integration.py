@@ -103,7 +103,8 @@ def test_ppo_zero3_two_ranks_generates_and_trains(toy, tmp_path):
     out, db = tmp_path / "ppo", tmp_path / "mlflow.db"
     proc = run_forgepipe(ppo_args(actor, reward, out, db, "--zero-stage", "3", "--per-device-batch-size", "2",
                                   "--generation-batch-size", "4", "--max-steps", "2", "--ppo-epochs", "2",
-                                  "--ema", "0.9", "--unsupervised-data", str(SAMPLE_DOCS), "--ptx-coef", "0.1"),
+                                  "--ema", "0.9", "--unsupervised-data", str(SAMPLE_DOCS), "--ptx-coef", "0.1",
+                                  "--data-split", "2,4,4"),  # the ppo share: 5 held-out prompts below
                          nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, run = mlflow_run(db)
