@@ -9,6 +9,7 @@ model loading), so nothing here is the only guard.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -24,7 +25,7 @@ from urllib.parse import urlparse
 import click
 import yaml
 
-from forgepipe.config import STAGES, Config, data_share, flatten, parse_split
+from forgepipe.config import STAGES, Config, data_share, flatten, parse_split, whole_split
 from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
 from forgepipe.layout import (
@@ -725,8 +726,9 @@ def check_data(cfg: Config, required: bool = True) -> None:
         return
     keep = (cfg.reward.margin_field,) if cfg.stage == "reward" and cfg.reward.margin_field else ()
     counts = [check_source(s, cfg.stage, cfg, keep) for s in cfg.data.sources]
-    for source in cfg.data.unsupervised_sources:
-        check_source(source, "sft", cfg)
+    documents = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split=whole_split("sft")))
+    for source in cfg.data.unsupervised_sources:  # PPO-ptx documents are read whole, never split
+        check_source(source, "sft", documents)
     if any(c is None for c in counts):
         return
     total = sum(counts)

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, LlamaConfig, \
-    LlamaForCausalLM
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from forgepipe.data.collate import PairCollator, SFTCollator
 from forgepipe.models import attention

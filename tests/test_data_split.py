@@ -217,8 +217,6 @@ def test_a_stage_logs_its_data_line_before_it_trains(tiny_model, tmp_path):
     assert "sft: share 2 of 2,4,4 = 60 of 300 rows; trains on 54; 6 held out" in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="preflight.check_data checks PPO-ptx documents under the run's split; "
-                   "a ppo run alone (0,0,1) leaves their sft share empty: preflight.py must read them whole")
 def test_ppo_alone_with_unsupervised_documents_passes_the_checks():
     from forgepipe.config import build_config
     from forgepipe.preflight import check_data
