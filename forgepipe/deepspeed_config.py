@@ -136,6 +136,14 @@ class StateBytes(NamedTuple):
         return self.param + self.grad + self.optim
 
 
+# A trained bf16/fp16 engine takes stage 1 at least. At stage 0 DeepSpeed 0.19.8 wraps the optimizer in its
+# FP16_Optimizer, which tests every gradient tensor for inf/NaN each step (CheckOverflow.has_overflow_serial:
+# one host sync per parameter, whatever bf16.check_grad_overflow says; 299 cudaStreamSynchronize a step for
+# FORGE-s in bench/gpu_perf.py's profile) and accumulates gradients in bf16. Stage 1 runs ZeRO's optimizer
+# (one sync a step, tests/test_step_syncs.py) and, with one rank, holds the same memory as stage 0.
+MIXED_PRECISION = ("bf16", "fp16")
+
+
 def state_bytes(dtype: str) -> StateBytes:
     """bf16/fp16: 2-byte parameters and gradients, 12 bytes of fp32 master + Adam moments (16 in all);
     fp32: 4 + 4 + 8 (16 too). A frozen model holds its parameters only (`param`)."""
@@ -233,9 +241,11 @@ def plan_zero_stages(cfg: Config, world: World, counts: dict[str, int | None], d
     if not auto_groups:
         return None
     minimum = {g: 0 for g in settings}
-    if offload:
-        for _, _, trained, group in engines:
-            minimum[group] = max(minimum[group], 1 if trained else 0)
+    for name, _, trained, group in engines:
+        if offload and trained:
+            minimum[group] = max(minimum[group], 1)
+        if cfg.train.dtype in MIXED_PRECISION and name in ("model", "critic"):  # the engines with an optimizer
+            minimum[group] = max(minimum[group], 1)
     if _zeropp_requested(ds):
         minimum["model"] = 3
     fixed = {g: v for g, v in settings.items() if v != "auto"}

@@ -437,10 +437,10 @@ def test_plan_line_and_explicit_stages():
     assert p.model == 2 and p.fits
     assert p.line == "zero stage: auto -> 2 (8B params, 16 B/param, 8 ranks, 64 GiB/device)"
     assert plan(counts={"model": 1.3e9}, world=World()).line == \
-        "zero stage: auto -> 0 (1.3B params, 16 B/param, 1 ranks, 64 GiB/device)"
+        "zero stage: auto -> 1 (1.3B params, 16 B/param, 1 ranks, 64 GiB/device)"  # bf16: never 0 (MIXED_PRECISION)
     assert plan(deepspeed__zero_stage=2) is None  # explicit: nothing to resolve
     lora = plan(counts={"model": 13e9}, world=World(), model__lora_dim=8)
-    assert lora.model == 0 and "2 B/param (LoRA" in lora.line  # 26 GB of frozen base
+    assert lora.model == 1 and "2 B/param (LoRA" in lora.line  # 26 GB of frozen base; the adapters train in bf16
 
 
 def test_plan_zeropp_and_offload_raise_auto():
@@ -458,11 +458,12 @@ def test_plan_unknown_parameter_count_takes_stage_3():
 def test_plan_dpo_counts_the_reference():
     # 1.2B alone fits one 32 GiB device (19.2 GB <= 20.6 GB); with its frozen reference (2.4 GB) it does not.
     one = World()
-    assert plan("sft", {"model": 1.2e9}, one, 32).model == 0
+    assert plan("sft", {"model": 1.2e9}, one, 32).model == 1  # bf16 trains at 1 at least; one rank: 0's memory
+    assert plan("sft", {"model": 1.2e9}, one, 32, train__dtype="fp32").model == 0
     assert plan("dpo", {"model": 1.2e9}, one, 32).model == 3
-    assert plan("dpo", {"model": 1.2e9}, one, 32, dpo__loss="simpo").model == 0  # reference-free
-    assert plan("dpo", {"model": 1.2e9}, one, 32, model__lora_dim=8).model == 0  # reference = adapters off
-    assert plan("dpo", {"model": 1.2e9}, one, 32, dpo__precompute_ref=True).model == 0  # freed before training
+    assert plan("dpo", {"model": 1.2e9}, one, 32, dpo__loss="simpo").model == 1  # reference-free
+    assert plan("dpo", {"model": 1.2e9}, one, 32, model__lora_dim=8).model == 1  # reference = adapters off
+    assert plan("dpo", {"model": 1.2e9}, one, 32, dpo__precompute_ref=True).model == 1  # freed before training
 
 
 def test_plan_ppo_engines():
@@ -473,14 +474,14 @@ def test_plan_ppo_engines():
     assert p.line.startswith("zero stage: auto -> 3 (model 7B, critic 1B, ref 7B, reward 1B params, "
                              "16 B/param trained, 2 frozen, 8 ranks, 64 GiB/device); critic 3, ref 3")
     small = plan("ppo", {"model": 1.3e9, "critic": 3.5e8, "reward": 3.5e8})
-    assert (small.model, small.critic, small.ref) == (0, 0, 0)
+    assert (small.model, small.critic, small.ref) == (1, 1, 1)  # bf16; the frozen engines build at 0 (train=False)
     # Actor and critic at an explicit 2 (32 GB), reference and reward auto: 16 GB at 0 does not fit, 2 GB at 3 does.
     p = plan("ppo", counts, deepspeed__zero_stage=2, ppo__ref_zero_stage="auto")
     assert (p.model, p.critic, p.ref) == (2, 2, 3) and p.line.endswith("critic 2, ref auto -> 3")
     # ZeRO++ makes the actor 3; an auto critic and reference take the lowest stage that fits beside it.
     p = plan("ppo", {"model": 1.3e9, "critic": 3.5e8, "reward": 3.5e8}, deepspeed__zeropp=True,
              ppo__critic_zero_stage="auto", ppo__ref_zero_stage="auto")
-    assert (p.model, p.critic, p.ref) == (3, 0, 0)
+    assert (p.model, p.critic, p.ref) == (3, 1, 0)  # the critic trains: bf16 keeps it at 1 at least
 
 
 def test_auto_in_static_checks_and_the_builder():
@@ -523,11 +524,11 @@ def test_resolve_zero_stage_at_launch(tiny_model, caplog):
     cfg = build_config("sft", overrides={"model.name_or_path": str(tiny_model)})
     with caplog.at_level("INFO", logger="forgepipe.preflight"):
         resolve_zero_stage(cfg, World())
-    assert cfg.deepspeed.zero_stage == "auto" and cfg.deepspeed.zero_stage_resolved == 0
-    assert re.search(r"zero stage: auto -> 0 \([\d.]+M params, 16 B/param, 1 ranks, [\d.]+ GiB/rank of host memory\)",
+    assert cfg.deepspeed.zero_stage == "auto" and cfg.deepspeed.zero_stage_resolved == 1
+    assert re.search(r"zero stage: auto -> 1 \([\d.]+M params, 16 B/param, 1 ranks, [\d.]+ GiB/rank of host memory\)",
                      caplog.text)
-    assert cfg.flat()["deepspeed.zero_stage_resolved"] == 0  # logged to MLflow with the config
-    assert build_ds_config(cfg, World())["zero_optimization"]["stage"] == 0
+    assert cfg.flat()["deepspeed.zero_stage_resolved"] == 1  # logged to MLflow with the config
+    assert build_ds_config(cfg, World())["zero_optimization"]["stage"] == 1
     # Explicit stages are recorded as given; PPO's None follows the actor.
     cfg = build_config("ppo", overrides={"deepspeed.zero_stage": 2, "ppo.ref_zero_stage": 3})
     resolve_zero_stage(cfg, World())
@@ -544,7 +545,7 @@ def test_resolve_zero_stage_ppo_engines(tiny_model):
     resolve_zero_stage(cfg, World())
     js = ppo_ds_configs(cfg, World())
     assert {name: j["zero_optimization"]["stage"] for name, j in js.items()} == \
-        {"actor": 0, "critic": 0, "ref": 0, "reward": 0}
+        {"actor": 1, "critic": 1, "ref": 0, "reward": 0}  # bf16 trains at 1 at least; frozen engines build at 0
 
 
 def test_resume_compares_the_stages_run():
