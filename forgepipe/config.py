@@ -166,7 +166,7 @@ class DeepSpeedConfig:
     prefetch_bucket_size: int = bounded(30_000_000, ge=0)
     allgather_bucket_size: int = bounded(500_000_000, ge=0)
     reduce_bucket_size: int = bounded(500_000_000, ge=1)
-    overlap_comm: bool = True
+    overlap_comm: bool = True  # with one rank off whatever this says: there is nothing to overlap
     contiguous_gradients: bool = True
     torch_adam: bool = False  # use torch's Adam instead of DeepSpeed's fused/CPU op (no JIT build)
     # bf16: DeepSpeed's per-parameter inf/NaN check before each step (skips bad steps; ~10 kernels per

@@ -372,7 +372,9 @@ def _zero_block(
     if stage == 0:
         return zero
     zero.update(
-        overlap_comm=ds.overlap_comm,
+        # One rank has no communication to overlap, and DeepSpeed's overlap path then only adds a stream
+        # synchronisation at the end of every backward.
+        overlap_comm=ds.overlap_comm and world.world_size > 1,
         contiguous_gradients=ds.contiguous_gradients,
         reduce_scatter=True,  # qgZ asserts it; it is DeepSpeed's default anyway
         reduce_bucket_size=ds.reduce_bucket_size,
