@@ -55,6 +55,31 @@ class _Profile:
 
     def __init__(self, first: int, last: int, path: str):
         self.first, self.last, self.path, self.done, self.prof = first, last, path, 0, None
+        self.syncs = None  # Counter of implicit device syncs by the first frame outside torch (GPU only)
+
+    def _count_syncs(self) -> None:
+        """torch.cuda.set_sync_debug_mode("warn") over the profiled steps, each warning counted where it
+        was raised from (outside torch): where the step waits for the device without saying so."""
+        import collections
+        import traceback
+        import warnings
+
+        import torch
+
+        self.syncs = collections.Counter()
+        shown = warnings.showwarning
+
+        def count(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return shown(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                      and "warnings" not in f.filename]
+            where = f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "?"
+            self.syncs[where] += 1
+
+        warnings.showwarning = count
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
 
     @classmethod
     def from_env(cls):
@@ -72,14 +97,24 @@ class _Profile:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self._count_syncs()
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
         elif self.done == self.last and self.prof is not None:
             self.prof.__exit__(None, None, None)
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("default")
             averages = self.prof.key_averages()
             os.makedirs(self.path, exist_ok=True)
             with open(os.path.join(self.path, f"profile-{os.getpid()}.txt"), "w") as f:
-                f.write(f"steps {self.first}-{self.last} ({self.last - self.first + 1})\n\nby self CPU time:\n")
+                steps = self.last - self.first + 1
+                f.write(f"steps {self.first}-{self.last} ({steps})\n")
+                if self.syncs is not None:  # torch.cuda.set_sync_debug_mode: the implicit syncs, by call site
+                    f.write(f"\nimplicit device syncs: {sum(self.syncs.values())} ({sum(self.syncs.values()) / steps:.1f} "
+                            "a step; the clock's own torch.cuda.synchronize is not counted)\n")
+                    for where, n in self.syncs.most_common(15):
+                        f.write(f"  {n:6d}  {where}\n")
+                f.write("\nby self CPU time:\n")
                 f.write(averages.table(sort_by="self_cpu_time_total", row_limit=35))
                 if torch.cuda.is_available():
                     f.write("\n\nby self device time:\n")

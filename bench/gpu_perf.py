@@ -56,22 +56,22 @@ PLANS = {
                  small_words=20),
 }
 # forgepipe rows, most telling first (a deadline cuts from the end): (name, stage, shape key, extra options).
-# "defaults" is the default path (--zero-stage auto: 0 on one GPU); the other rows turn levers back.
+# "defaults" is the default path (--zero-stage auto: 1 for bf16 on one GPU); the other rows turn levers back.
 FORGEPIPE_ROWS = [
     ("sft defaults", "sft", "model", []),
+    ("sft ZeRO-0 (DeepSpeed's FP16_Optimizer path)", "sft", "model", ["--zero-stage", "0"]),
+    ("sft ZeRO-2", "sft", "model", ["--zero-stage", "2"]),
     ("sft before: ZeRO-3, padding mask, sdpa", "sft", "model",
      ["--zero-stage", "3", "--padding-mask", "--attn-implementation", "sdpa"]),
-    ("sft ZeRO-0, padding mask, sdpa", "sft", "model",
-     ["--zero-stage", "0", "--padding-mask", "--attn-implementation", "sdpa"]),
-    ("sft ZeRO-0, no mask, sdpa (head 86 unpadded)", "sft", "model",
-     ["--zero-stage", "0", "--attn-implementation", "sdpa"]),
     ("sft defaults at ZeRO-3", "sft", "model", ["--zero-stage", "3"]),
     ("reward defaults", "reward", "model", []),
     ("dpo defaults", "dpo", "model", []),
-    ("reward before: ZeRO-3, padding mask, sdpa", "reward", "model",
-     ["--zero-stage", "3", "--padding-mask", "--attn-implementation", "sdpa"]),
     ("sft small defaults", "sft", "small", []),
     ("sft small before: ZeRO-2, padding mask", "sft", "small", ["--zero-stage", "2", "--padding-mask"]),
+    ("sft padding mask, sdpa", "sft", "model", ["--padding-mask", "--attn-implementation", "sdpa"]),
+    ("sft no mask, sdpa (head 86 unpadded)", "sft", "model", ["--attn-implementation", "sdpa"]),
+    ("reward before: ZeRO-3, padding mask, sdpa", "reward", "model",
+     ["--zero-stage", "3", "--padding-mask", "--attn-implementation", "sdpa"]),
 ]
 
 

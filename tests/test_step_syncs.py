@@ -5,7 +5,8 @@ On the CPU every tensor lives on the host, so the test counts the calls that wou
 (`Tensor.__bool__`, `item`, `tolist`, `cpu`, `__int__`, `__float__`, `numpy`) by where they are made.
 The allowed places are the loop's token count on the *host* batch (before its copy, never a sync) and
 DeepSpeed's own once-a-step test of the gradient norm; anything else, or more than those once a step,
-fails. The GPU counterpart is torch.cuda.set_sync_debug_mode in bench/gpu_perf.py's profile.
+fails. The GPU counterpart: `bench/gpu_perf.py --profile` counts the implicit device syncs of profiled
+steps by call site (torch.cuda.set_sync_debug_mode, bench/fp_run.py).
 """
 
 from __future__ import annotations
