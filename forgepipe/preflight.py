@@ -66,6 +66,22 @@ def check_writable_dir(path: Path, option: str) -> None:
         raise ForgeError(f"{option}: {path} {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ForgeError(f"{option}: {existing} is not writable")
+    probe_creatable(path, existing, option)
+
+
+def probe_creatable(path: Path, existing: Path, option: str) -> None:
+    """`path` (not there yet) can be created under `existing`, its first existing parent: tried with
+    an empty directory made there and removed at once. os.access says yes to root everywhere, and to
+    anyone on /proc, /sys or a read-only mount point's parent, where the mkdir fails."""
+    if existing == path:
+        return
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".forgepipe-probe-", dir=existing))
+    except OSError as exc:
+        raise ForgeError(f"{option}: {path} cannot be created: {existing} takes no new directory "
+                         f"({exc.strerror or type(exc).__name__})") from None
 
 
 def earlier_run(output_dir: Path) -> str | None:
@@ -604,7 +620,10 @@ def check_models(cfg: Config) -> None:
 
 def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file (gzip too); a non-UTF-8 line is a ForgeError."""
+    from forgepipe.data.formats import read_errors, read_failure
+
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    number = 0
     try:
         with opener(path, "rb") as f:
             for number, raw in enumerate(f, start=1):
@@ -615,10 +634,8 @@ def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, str]]:
                 except UnicodeDecodeError as exc:
                     raise ForgeError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
                                      f"{exc.start + 1})") from None
-    except (OSError, EOFError) as exc:
-        if isinstance(exc, ForgeError):
-            raise
-        raise ForgeError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except read_errors() as exc:  # a gzip stream cut short (EOFError) or corrupt, an I/O error
+        raise ForgeError(read_failure(path, exc, number)) from None
 
 
 def read_records(path: Path, limit: int | None = None) -> list[dict[str, Any]]:

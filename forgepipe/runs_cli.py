@@ -7,6 +7,7 @@ MLflow URI: --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db, 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -32,6 +33,34 @@ def one_line_errors(fn: Callable) -> Callable:
             click.echo(f"forgepipe: error: {exc}", err=True)
             sys.exit(2)
     return wrapper
+
+
+def check_plot_target(plot: str) -> None:
+    """--plot can be written, checked before the comparison is printed: no parent is a file, the
+    directory it goes in exists or can be made, and the file can be created there (tried, and
+    removed again) or, when it is there already, opened for writing (not changed)."""
+    from pathlib import Path
+
+    from forgepipe.preflight import check_writable_dir
+
+    path = Path(plot).expanduser()
+    if path.is_dir():
+        raise ForgeError(f"--plot: {path} is a directory")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ForgeError(f"--plot: {path} has a parent that is a file ({above})")
+    check_writable_dir(path.parent, "--plot")
+    if not path.parent.is_dir():
+        return  # made by the plot; check_writable_dir tried that
+    try:
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(path)
+    except OSError as exc:
+        raise ForgeError(f"--plot: {path} cannot be written ({exc.strerror or type(exc).__name__})") from None
 
 
 @click.group()
@@ -76,11 +105,16 @@ def compare_cmd(tracking_uri, refs, show_all, metrics, last_n, plot):
 
     if plot:
         check_plot_path(plot)
+        check_plot_target(plot)
     store = Store(tracking_uri)
     text, compared = compare_runs(store, list(refs), show_all=show_all, metrics=metrics, last_n=last_n)
     click.echo(text)
     if plot:
-        click.echo(f"\nplot: {plot_runs(store, compared, metrics, plot)}")
+        try:
+            written = plot_runs(store, compared, metrics, plot)
+        except OSError as exc:  # the disk filled, or the directory went, since the check
+            raise ForgeError(f"--plot: {plot} cannot be written ({exc.strerror or type(exc).__name__})") from None
+        click.echo(f"\nplot: {written}")
 
 
 @runs.command("show")

@@ -157,6 +157,36 @@ CASES: dict[str, tuple[str, object, str]] = {
             for i in range(20))))],
         "chat.jsonl: 10 of 20 rows (50%) dropped, more than --max-dropped-fraction 0.1: 10 'messages' does not end "
         "with an assistant message after a prompt (e.g. {d}/chat.jsonl:1)"),
+    "a truncated .jsonl.gz names the file and the last line read": (
+        "sft", lambda d, m: ["--data", str(truncated_gzip(d))],
+        "cut.jsonl.gz: truncated gzip file, its data ends after line "),
+    "an --output-dir that cannot be created (/proc)": (
+        "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--output-dir", "/proc/forgepipe-bad-input/out"],
+        "--output-dir: /proc/forgepipe-bad-input/out cannot be created: /proc takes no new directory"),
+    "an --output-dir that cannot be created (/sys)": (
+        "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--output-dir", "/sys/forgepipe-bad-input"],
+        "--output-dir: /sys/forgepipe-bad-input cannot be created: /sys takes no new directory"),
+}
+
+
+def truncated_gzip(d: Path) -> Path:
+    return write(d / "cut.jsonl.gz", gzip.compress(pairs(400).encode())[:2000])
+
+
+# Commands other than the stages: name -> (arguments given d = a scratch directory and m = the tiny
+# model, expected substring, a path that must not exist afterwards or None).
+COMMANDS: dict[str, tuple[object, str, str | None]] = {
+    "score: a truncated .jsonl.gz": (
+        lambda d, m: ["score", str(reward_export(m, d / "rm")), "--data", str(truncated_gzip(d))],
+        "--data: {d}/cut.jsonl.gz: truncated gzip file, its data ends after line ", None),
+    "runs compare --plot into /proc": (
+        lambda d, m: ["runs", "compare", "a", "b", "--plot", "/proc/forgepipe-bad-input.png",
+                      "--tracking-uri", f"sqlite:///{d}/mlflow.db"],
+        "--plot: /proc/forgepipe-bad-input.png cannot be written", "{d}/mlflow.db"),
+    "runs compare --plot under a file": (
+        lambda d, m: ["runs", "compare", "a", "b", "--plot", str(write(d / "plain", "x") / "curves.png"),
+                      "--tracking-uri", f"sqlite:///{d}/mlflow.db"],
+        "--plot: {d}/plain/curves.png has a parent that is a file ({d}/plain)", "{d}/mlflow.db"),
 }
 
 
@@ -196,6 +226,17 @@ def test_bad_input(case, tiny_model, tmp_path):
     assert needle.replace("{d}", str(tmp_path)) in error, error
     assert not out.exists()
     assert mlflow_runs(db) == 0
+
+
+@pytest.mark.parametrize("case", list(COMMANDS))
+def test_bad_input_to_other_commands(case, tiny_model, tmp_path):
+    make_args, needle, absent = COMMANDS[case]
+    started = time.monotonic()
+    error = one_error(cli(make_args(tmp_path, tiny_model)))
+    assert needle.replace("{d}", str(tmp_path)) in error, error
+    assert time.monotonic() - started < 30
+    if absent:
+        assert not Path(absent.replace("{d}", str(tmp_path))).exists()
 
 
 def test_config_show_runs_the_same_checks(tmp_path):

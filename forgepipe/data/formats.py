@@ -232,6 +232,30 @@ class DropReport:
                 "reasons": {r: {"count": c, "example": self.where(first)} for r, (c, first) in self.reasons.items()}}
 
 
+def read_failure(path, exc: BaseException, lines_read: int = 0) -> str:
+    """One line for a data file whose reading failed part-way: a gzip stream cut short (EOFError)
+    or corrupt (gzip.BadGzipFile, zlib.error), or an I/O error. Names the file and the last line read."""
+    import gzip
+    import zlib
+
+    where = f" after line {lines_read}" if lines_read else ""
+    detail = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, EOFError):
+        return f"{path}: truncated gzip file, its data ends{where} ({detail}); copy or compress it again"
+    if isinstance(exc, (gzip.BadGzipFile, zlib.error)):
+        return f"{path}: corrupt gzip data{where} ({detail})"
+    if isinstance(exc, OSError):
+        return f"{path}: cannot be read{where} ({exc.strerror or detail})"
+    return f"{path}: cannot be read{where} ({type(exc).__name__}: {detail})"
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a (gzip) data file can raise besides a decoding error: caught and said in one line."""
+    import zlib
+
+    return (OSError, EOFError, zlib.error)
+
+
 def jsonl_line_of(source: str, row: int) -> int | None:
     """The 1-based line of the row-th record of a JSON-lines file (blank lines skipped), or None."""
     import gzip
@@ -243,12 +267,15 @@ def jsonl_line_of(source: str, row: int) -> int | None:
         return None
     opener = gzip.open if name.endswith(".gz") else open
     seen = -1
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                seen += 1
-                if seen == row:
-                    return number
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    seen += 1
+                    if seen == row:
+                        return number
+    except read_errors():  # a file cut short after the rows that were read: no line to name
+        return None
     return None
 
 

@@ -16,36 +16,42 @@ from pathlib import Path
 
 import datasets
 
+from forgepipe.data.formats import read_errors, read_failure
 from forgepipe.data.paths import JSON_SUFFIXES, PARQUET_SUFFIXES, file_suffix, looks_like_path
 from forgepipe.errors import ForgeError
 
 
 def find_bad_json_line(path: Path) -> str | None:
-    """`path:LINE: invalid JSON (...)` for the first line that is not a JSON object, else None.
+    """`path:LINE: invalid JSON (...)` for the first line that is not a JSON object, or why the file
+    cannot be read through (a truncated or corrupt gzip stream), else None.
 
     datasets' own error does not name the line, so we rescan the file after it fails.
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        if path.name.lower().endswith((".json", ".json.gz")):
-            # A .json file may be one JSON document (a list of records) rather than lines.
-            text = f.read()
-            try:
-                json.loads(text)
-                return None
-            except json.JSONDecodeError:
-                lines = text.splitlines()
-        else:
-            lines = f
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                return f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
-            if not isinstance(value, dict):
-                return f"{path}:{number}: invalid JSON (expected an object, got {type(value).__name__})"
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            if path.name.lower().endswith((".json", ".json.gz")):
+                # A .json file may be one JSON document (a list of records) rather than lines.
+                text = f.read()
+                try:
+                    json.loads(text)
+                    return None
+                except json.JSONDecodeError:
+                    lines = text.splitlines()
+            else:
+                lines = f
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
+                if not isinstance(value, dict):
+                    return f"{path}:{number}: invalid JSON (expected an object, got {type(value).__name__})"
+    except read_errors() as exc:  # a gzip stream cut short or corrupt: that is what is wrong
+        return read_failure(path, exc, number)
     return None
 
 
