@@ -120,6 +120,9 @@ class TrainConfig:
     """The optimisation loop shared by every stage."""
 
     per_device_batch_size: int = bounded(4, ge=1)
+    # > 0: SFT/reward/DPO micro-batches hold as many samples as fit this many padded tokens (rows x longest
+    # length), length-grouped, seeded and resumable; 0: --per-device-batch-size rows each
+    tokens_per_micro_batch: int = bounded(0, ge=0)
     grad_accum: int = bounded(1, ge=1)
     lr: float = bounded(1e-5, gt=0)
     weight_decay: float = bounded(0.0, ge=0)
@@ -477,7 +480,28 @@ def validate(cfg: Config) -> None:
             raise ForgeError(f"needs {label('data.unsupervised_sources')}", key="ppo.ptx_coef")
     if cfg.stage == "dpo":
         validate_dpo(cfg.dpo)
+    validate_token_budget(cfg)
     validate_static(cfg)
+
+
+def validate_token_budget(cfg: Config) -> None:
+    """A token budget must hold the longest sample (both rows of a pair); PPO says it does not use one."""
+    budget = cfg.train.tokens_per_micro_batch
+    if not budget:
+        return
+    if cfg.stage == "ppo":  # a pipeline hands its options to every stage: said, not refused
+        import logging
+
+        logging.getLogger(__name__).info("ppo: %s applies to the supervised stages; PPO's experience batches are "
+                                         "prompts", label("train.tokens_per_micro_batch"))
+        return
+    rows = 2 if data_share(cfg.stage) == "reward" else 1
+    multiple = cfg.data.pad_to_multiple_of
+    need = rows * -(-cfg.data.max_seq_len // multiple) * multiple
+    if budget < need:
+        raise ForgeError(f"{budget} tokens hold no {cfg.stage} sample of {label('data.max_seq_len')} "
+                         f"{cfg.data.max_seq_len}{' (a pair: two rows)' if rows == 2 else ''}: at least {need}",
+                         key="train.tokens_per_micro_batch")
 
 
 def validate_dpo(p: DPOConfig) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import save_checkpoint
 from forgepipe.config import Config
-from forgepipe.data.collate import length_grouped_order, sample_lengths
+from forgepipe.data.collate import length_grouped_order, rows_per_sample, sample_lengths, token_budget_batches
 from forgepipe.distributed import World
 from forgepipe.errors import ForgeError
 from forgepipe.options import label
@@ -63,11 +63,23 @@ def rank_batches(order: list[int], rank: int, world_size: int, micro_batch: int,
     ]
 
 
+def deal(plan: list[list[int]], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
+    """This rank's share of a global list of micro-batches: batch i*W + r for rank r, whole optimizer
+    steps only, the same count on every rank (ZeRO's collectives run per micro-batch)."""
+    count = (len(plan) // (world_size * grad_accum)) * grad_accum
+    return [plan[i * world_size + rank] for i in range(count)]
+
+
 def epoch_micro_batches(n: int, lengths: Sequence[int] | None, s: LoopSettings, world: World,
                         epoch: int) -> list[list[int]]:
     """This rank's micro-batches of an epoch of a supervised stage: the seeded shuffle, or (with
     `lengths`, --group-by-length) the seeded order in which each global micro-batch (ranks x
-    micro-batch) holds samples of like length. Both are pure functions of seed and epoch."""
+    micro-batch) holds samples of like length, or (--tokens-per-micro-batch) micro-batches cut by
+    tokens. All are pure functions of seed and epoch."""
+    if s.tokens_per_micro_batch:
+        plan = token_budget_batches(lengths, s.tokens_per_micro_batch, s.seed, epoch, rows=s.rows_per_sample,
+                                    multiple=s.pad_multiple)
+        return deal(plan, world.rank, world.world_size, s.grad_accum)
     if lengths is None:
         order = epoch_order(n, s.seed, epoch)
     else:
@@ -167,6 +179,9 @@ class LoopSettings:
     keep_last: int
     final_checkpoint: bool = True  # off: the run ends with its export only (nothing to extend it from)
     group_by_length: bool = False  # supervised stages: length_grouped_order instead of epoch_order
+    tokens_per_micro_batch: int = 0  # > 0: micro-batches cut by padded tokens (token_budget_batches), not rows
+    rows_per_sample: int = 1  # forward rows per sample (2 for pairs): what a token budget counts
+    pad_multiple: int = 1  # data.pad_to_multiple_of: the collator's rounding, which a token budget counts too
     flops_per_token: float = 0.0  # 6N; gives perf/model_tflops_per_s per device
     peak_tflops: float = 0.0  # gives perf/mfu
     # Stop on a non-finite gradient norm (check_grad_norm) where DeepSpeed does not skip such steps itself:
@@ -180,7 +195,8 @@ class LoopSettings:
                    grad_accum=t.grad_accum, seed=t.seed, log_every=t.log_every, eval_every=t.eval_every,
                    save_every=t.save_every, save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
                    final_checkpoint=t.final_checkpoint, peak_tflops=t.peak_tflops,
-                   group_by_length=cfg.data.group_by_length,
+                   group_by_length=cfg.data.group_by_length, tokens_per_micro_batch=t.tokens_per_micro_batch,
+                   pad_multiple=cfg.data.pad_to_multiple_of,
                    guard_grad_norm=t.dtype == "bf16" and not cfg.deepspeed.check_grad_overflow)
 
 
@@ -238,9 +254,22 @@ def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]]
 # The supervised loop (SFT, reward): micro-batches through one engine
 
 
-def total_steps(n_train: int, world_size: int, s: LoopSettings) -> int:
-    per_epoch = micro_batches_per_rank(n_train, world_size, s.micro_batch, s.grad_accum) // s.grad_accum
-    total = per_epoch * s.epochs
+def total_steps(train_data, world_size: int, s: LoopSettings) -> int:
+    """Optimizer steps of the run: whole steps per epoch, times the epochs, capped by max_steps. With a
+    token budget each epoch's plan has its own length, so every epoch's plan is counted."""
+    if s.tokens_per_micro_batch:
+        s.rows_per_sample = rows_per_sample(train_data)
+        lengths = sample_lengths(train_data)
+        plans = (token_budget_batches(lengths, s.tokens_per_micro_batch, s.seed, epoch, rows=s.rows_per_sample,
+                                      multiple=s.pad_multiple) for epoch in range(s.epochs))
+        total = 0
+        for plan in plans:
+            total += len(plan) // (world_size * s.grad_accum)
+            if 0 < s.max_steps <= total:
+                break
+    else:
+        total = micro_batches_per_rank(len(train_data), world_size, s.micro_batch, s.grad_accum) // s.grad_accum
+        total *= s.epochs
     return min(total, s.max_steps) if s.max_steps > 0 else total
 
 
@@ -330,11 +359,12 @@ def train_loop(
     is a micro-batch: collated and its real tokens counted on the host, then copied to the device,
     forward, backward, and DeepSpeed steps at the accumulation boundary."""
     s = settings
-    steps_total = total_steps(len(train_data), world.world_size, s)  # > 0: RunRecord.build_engine checked
+    steps_total = total_steps(train_data, world.world_size, s)  # > 0: RunRecord.build_engine checked
     device = engine.device
     window = MetricWindow(device)
 
-    lengths = sample_lengths(train_data) if s.group_by_length else None
+    lengths = sample_lengths(train_data) if s.group_by_length or s.tokens_per_micro_batch else None
+    s.rows_per_sample = rows_per_sample(train_data)
 
     def units(epoch: int) -> list[list[int]]:
         return epoch_micro_batches(len(train_data), lengths, s, world, epoch)
@@ -347,7 +377,7 @@ def train_loop(
         loss, metrics = loss_fn(engine, batch)
         engine.backward(loss)
         engine.step()
-        window.add({"loss": loss, **metrics}, s.micro_batch, tokens)
+        window.add({"loss": loss, **metrics}, len(indices), tokens)
         if boundary:
             window.add_step(engine.get_global_grad_norm())  # None when DeepSpeed computed none
         return boundary

@@ -55,6 +55,10 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--flops-profiler/--no-flops-profiler", "deepspeed.flops_profiler", "Run DeepSpeed's flops profiler."),
     ("--dtype", "train.dtype", "Training precision."),
     ("--per-device-batch-size", "train.per_device_batch_size", "Micro-batch per rank."),
+    ("--tokens-per-micro-batch", "train.tokens_per_micro_batch",
+     "SFT, reward, DPO: cut micro-batches by padded tokens (rows x longest length, pairs count both rows) "
+     "instead of --per-device-batch-size rows: like lengths together, as many samples as fit; seeded and "
+     "resumable like the row order. 0: off."),
     ("--grad-accum", "train.grad_accum", "Gradient accumulation steps."),
     ("--lr", "train.lr", "Peak learning rate."),
     ("--weight-decay", "train.weight_decay", "AdamW weight decay."),

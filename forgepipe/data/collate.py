@@ -186,6 +186,43 @@ def length_grouped_order(
     return [i for batch in shuffled + tail for i in batch]
 
 
+TOKEN_WINDOW = 4096  # samples sorted together by token_budget_batches: fixed, so the plan ignores the world size
+
+
+def rows_per_sample(ds) -> int:
+    """Rows a sample puts into the forward: 2 for a preference pair (chosen and rejected), else 1."""
+    return 2 if "chosen_input_ids" in getattr(ds, "column_names", ()) else 1
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int, seed: int, epoch: int, *, rows: int = 1,
+                         multiple: int = 1) -> list[list[int]]:
+    """An epoch's micro-batches cut by tokens: each holds as many samples as fit `budget` padded
+    tokens (rows x samples x the batch's longest length, rounded up to `multiple`), so a batch of
+    short rows carries more of them and the device is filled whatever the lengths.
+
+    Seeded by (seed, epoch) like every order here, so every rank and every resumed run sees the same
+    plan. How: shuffle; sort windows of TOKEN_WINDOW samples longest first; cut each greedily; shuffle
+    the batches. The plan is a global list that does not depend on the world size (ranks are dealt
+    batch i*W + r), so a resume at another world size continues at the same batch.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches: list[list[int]] = []
+    for start in range(0, len(order), TOKEN_WINDOW):
+        current: list[int] = []
+        width = 0
+        for i in sorted(order[start:start + TOKEN_WINDOW], key=lambda i: -lengths[i]):
+            grown = max(width, _round_up(lengths[i], multiple))
+            if current and rows * (len(current) + 1) * grown > budget:
+                batches.append(current)
+                current, grown = [], _round_up(lengths[i], multiple)
+            current.append(i)
+            width = grown
+        if current:
+            batches.append(current)
+    return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def padding_stats(batches: Sequence[Sequence[int]], lengths: Sequence[int],
                   pad_to: int | None = None) -> tuple[int, int]:
     """(real tokens, computed tokens) of batches padded to their longest row (or to `pad_to`)."""

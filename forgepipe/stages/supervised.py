@@ -81,7 +81,7 @@ def run_supervised(stage: SupervisedStage, cfg: Config, parent_run_id: str | Non
                                               eval_max_samples=d.eval_max_samples)
         data = stage.prepare(cfg, tokenizer, train_raw, eval_raw, ctx.cache_dir)
         settings = LoopSettings.from_config(cfg)
-        steps = total_steps(len(data.train), ctx.world.world_size, settings)
+        steps = total_steps(data.train, ctx.world.world_size, settings)
         ds_json = build_ds_config(cfg, ctx.world)
         run = ctx.begin(models={"model": model_path}, ds_configs={"model": ds_json})
         run.tracker.log_params({**data.params, "train.total_steps": steps})

@@ -227,7 +227,7 @@ def prepare_inputs(cfg: Config, ctx: StageContext) -> DPOInputs:
     data = Prepared(train, held_out, collate,
                     {"data.train_pairs": len(train), "data.eval_pairs": len(held_out or []),
                      "data.identical_pairs_dropped": dropped + eval_dropped, "dpo.reference": kind})
-    steps = total_steps(len(train), ctx.world.world_size, LoopSettings.from_config(cfg))
+    steps = total_steps(train, ctx.world.world_size, LoopSettings.from_config(cfg))
     return DPOInputs(model_path, ref_path, tokenizer, data, steps)
 
 
