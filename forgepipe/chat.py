@@ -42,6 +42,9 @@ def resolve_export(path: str, option: str, catalog: str | None = None) -> str:
     resolved = resolve_stage_output(resolve_model(path, catalog))
     if not (Path(resolved) / "config.json").is_file():
         raise ForgeError(f"{option}: {path} is not a model export (no config.json in {resolved})")
+    from forgepipe.preflight import check_weight_files
+
+    check_weight_files(Path(resolved), option)  # a corrupt safetensors file: one line, before loading
     return resolved
 
 

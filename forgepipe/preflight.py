@@ -557,6 +557,7 @@ def model_kind(path: Path, option: str) -> tuple[str, str]:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ForgeError(f"{option}: {config_file} is unreadable ({type(exc).__name__})") from None
+    check_weight_files(path, option)
     stage = None
     meta = path / "forgepipe.json"
     if meta.is_file():
@@ -572,6 +573,71 @@ def model_kind(path: Path, option: str) -> tuple[str, str]:
         return "classifier", f"a sequence classifier with {labels} labels"
     words = {"sft": "an SFT export", "ppo": "a PPO export", "dpo": "a DPO export"}.get(stage, "a base model")
     return "causal_lm", f"{words} (causal LM)"
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                     "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete .safetensors file, from its header and size alone (no tensor is
+    read), or None: the 8-byte header length fits the file, the header is a UTF-8 JSON object of
+    {dtype, shape, data_offsets} entries, each tensor's bytes match its shape and dtype, and the
+    tensors cover the data exactly (a truncated or padded file does not)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a header"
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, SAFETENSORS_MAX_HEADER):
+                return f"its header length {length} exceeds the file's {size} bytes"
+            header = json.loads(f.read(length).decode("utf-8"))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or type(exc).__name__})"
+    except (UnicodeDecodeError, ValueError):
+        return "its header is not UTF-8 JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data, end = size - 8 - length, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(v) for v in entry["data_offsets"])
+            numel = math.prod(int(d) for d in entry["shape"])
+            dtype = str(entry["dtype"])
+        except (TypeError, KeyError, ValueError):
+            return f"its header entry {name!r} is not {{dtype, shape, data_offsets}}"
+        if not 0 <= begin <= stop or (dtype in SAFETENSORS_BYTES and stop - begin != numel * SAFETENSORS_BYTES[dtype]):
+            return f"its header entry {name!r} does not fit its shape and dtype"
+        end = max(end, stop)
+    if end != data:
+        return (f"truncated: its header describes {end} bytes of tensors, the file holds {data}" if end > data
+                else f"{data - end} bytes past the tensors its header describes")
+    return None
+
+
+def check_weight_files(path: Path, option: str) -> None:
+    """A local model directory's safetensors weights are whole, and a sharded model's index names
+    shards that are there: checked from headers and sizes before any rank starts (a corrupt file
+    otherwise fails in transformers' loader, after DeepSpeed started)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ForgeError(f"{option}: {index} is unreadable ({type(exc).__name__})") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ForgeError(f"{option}: {path / missing[0]} is missing (named in {index.name})")
+    for file in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ForgeError(f"{option}: {file} is not a complete safetensors file ({problem}); "
+                             "copy or export the model again")
 
 
 def check_causal_lm(name: str, catalog: str | None, option: str, stage: str) -> None:

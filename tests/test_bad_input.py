@@ -166,7 +166,21 @@ CASES: dict[str, tuple[str, object, str]] = {
     "an --output-dir that cannot be created (/sys)": (
         "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--output-dir", "/sys/forgepipe-bad-input"],
         "--output-dir: /sys/forgepipe-bad-input cannot be created: /sys takes no new directory"),
+    "a model directory with a truncated model.safetensors, before DeepSpeed starts": (
+        "sft", lambda d, m: ["--model", str(corrupt_model(m, d / "cut-model"))],
+        "--model: {d}/cut-model/model.safetensors is not a complete safetensors file (truncated: its header "
+        "describes "),
 }
+
+
+def corrupt_model(model: Path, out: Path, how: str = "truncate") -> Path:
+    """A copy of `model` whose model.safetensors is cut in half, or has garbage for its header."""
+    if not out.is_dir():
+        shutil.copytree(model, out)
+        weights = out / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[:len(data) // 2] if how == "truncate" else data[:8] + b"\xff" * 64 + data[72:])
+    return out
 
 
 def truncated_gzip(d: Path) -> Path:
@@ -187,6 +201,10 @@ COMMANDS: dict[str, tuple[object, str, str | None]] = {
         lambda d, m: ["runs", "compare", "a", "b", "--plot", str(write(d / "plain", "x") / "curves.png"),
                       "--tracking-uri", f"sqlite:///{d}/mlflow.db"],
         "--plot: {d}/plain/curves.png has a parent that is a file ({d}/plain)", "{d}/mlflow.db"),
+    "chat: a model directory whose model.safetensors header is garbage": (
+        lambda d, m: ["chat", str(corrupt_model(m, d / "bad-model", how="garbage")), "--prompt", "hi"],
+        "MODEL_DIR: {d}/bad-model/model.safetensors is not a complete safetensors file (its header is not UTF-8 "
+        "JSON)", None),
 }
 
 
