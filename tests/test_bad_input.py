@@ -170,6 +170,20 @@ CASES: dict[str, tuple[str, object, str]] = {
         "sft", lambda d, m: ["--model", str(corrupt_model(m, d / "cut-model"))],
         "--model: {d}/cut-model/model.safetensors is not a complete safetensors file (truncated: its header "
         "describes "),
+    "a --chat-template with a Jinja syntax error names its line": (
+        "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--chat-template",
+                             str(write(d / "t.jinja", "{% for m in messages %}\n{{ m.content }\n"))],
+        "--chat-template: {d}/t.jinja:2: Jinja syntax error (unexpected '}')"),
+    "a --chat-template that raises on every conversation": (
+        "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--chat-template",
+                             str(write(d / "t.jinja", "{{ raise_exception('system message required') }}"))],
+        "--chat-template: {d}/t.jinja: the template fails on a one-turn conversation (TemplateError: system "
+        "message required)"),
+    "a --chat-template that is not UTF-8 names its line": (
+        "dpo", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--chat-template",
+                             str(write(d / "t.jinja", "{% for m in messages %}\ncaf\xe9 {{ m.content }}{% endfor %}"
+                                       .encode("latin-1")))],
+        "--chat-template: {d}/t.jinja:2: not UTF-8 text (byte 0xe9 at column 4)"),
 }
 
 

@@ -43,6 +43,54 @@ def check_setting(setting: str) -> None:
     if not path.is_file():
         raise ForgeError(f"{setting}: no such file (expected auto, none or a Jinja chat template file)",
                          key="data.chat_template")
+    check_template_file(path)
+
+
+# Special tokens a template may read, as placeholders: the check runs before any tokenizer is loaded.
+PROBE_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def read_template(path: Path) -> str:
+    """A template file's text; one that is not UTF-8 is a ForgeError naming its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ForgeError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column})",
+                         key="data.chat_template") from None
+
+
+def probe_render(template: str, messages: list[dict], generation_prompt: bool) -> str:
+    """`template` rendered as transformers' apply_chat_template renders it (same sandbox, globals and
+    filters), with placeholder special tokens."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                        add_generation_prompt=generation_prompt, **PROBE_TOKENS)
+    return rendered[0]
+
+
+def check_template_file(path: Path) -> None:
+    """A --chat-template file is UTF-8, compiles, and renders a one-turn conversation with the
+    assistant's answer in it (what the stages' end-of-turn probe renders first): checked before
+    launch, so a broken template is one line naming the file instead of a rank's traceback."""
+    import jinja2
+
+    template = read_template(path)
+    conv = [{"role": "user", "content": PROBE_USER}]
+    try:
+        before = probe_render(template, conv, generation_prompt=True)
+        through = probe_render(template, [*conv, {"role": "assistant", "content": PROBE_ANSWER}], False)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ForgeError(f"{path}:{exc.lineno}: Jinja syntax error ({exc.message})", key="data.chat_template") from None
+    except Exception as exc:  # noqa: BLE001 - jinja2's errors, and whatever a template raises
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise ForgeError(f"{path}: the template fails on a one-turn conversation ({type(exc).__name__}: {detail})",
+                         key="data.chat_template") from None
+    if PROBE_ANSWER not in through[len(before) if through.startswith(before) else 0:]:
+        raise ForgeError(f"{path}: the template does not render an assistant's answer", key="data.chat_template")
 
 
 def apply_setting(tokenizer, setting: str) -> str:
@@ -57,7 +105,7 @@ def apply_setting(tokenizer, setting: str) -> str:
         if isinstance(template, dict):  # several named templates: transformers uses "default"
             tokenizer.chat_template = template.get("default")
         return "tokenizer" if tokenizer.chat_template else "none"
-    tokenizer.chat_template = Path(setting).read_text(encoding="utf-8")
+    tokenizer.chat_template = read_template(Path(setting))
     return setting
 
 
