@@ -63,9 +63,9 @@ def test_eval_batches_cover_once_with_equal_counts():
 def test_total_steps_caps_at_max_steps():
     s = LoopSettings(epochs=3, max_steps=0, micro_batch=2, grad_accum=1, seed=0, log_every=1, eval_every=0,
                      save_every=0, save_every_minutes=0, keep_last=1)
-    assert total_steps(20, 2, s) == 15
+    assert total_steps(range(20), 2, s) == 15  # the training data (its length; its lengths with a token budget)
     s.max_steps = 4
-    assert total_steps(20, 2, s) == 4
+    assert total_steps(range(20), 2, s) == 4
 
 
 def test_checkpoint_due_by_steps_and_by_time():
