@@ -4,8 +4,11 @@ Nothing half-written ever looks complete:
 - a checkpoint is written to `checkpoints/.partial-<tag>/`, renamed to `checkpoints/<tag>/` once every
   rank has finished, and only then does the `checkpoints/latest` marker (replaced atomically) move to it;
 - its `loop_state.json` lists every file of the checkpoint with its size, so a truncated or missing
-  file is found before DeepSpeed reads it (`verify_checkpoint`); resuming falls back to the newest
-  checkpoint that verifies when the marker or the newest checkpoint does not, and says so;
+  file is found before DeepSpeed reads it, and each file's contents are checked too (a torch archive's
+  directory and CRCs of its pickle and small records: garbage of the right size is found);
+  `verify_checkpoint`, in checkpoint_verify.py (no torch: the pre-launch checks use it); resuming
+  falls back to the newest checkpoint that verifies when the marker or the newest checkpoint does
+  not, and says so in one warning line;
 - pruning (`--keep-last`) orders checkpoints by step and only ever removes ones written by the same
   run (MLflow run id), never the one just written;
 - a full disk stops the run with "no space left on <path>", the partial files removed and the last
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forgepipe.checkpoint_verify import read_state, verify_checkpoint
 from forgepipe.distributed import all_reduce_sum, barrier, current_rank, is_main_process
 from forgepipe.errors import ForgeError
 from forgepipe.layout import CHECKPOINT_DIR, LOOP_STATE, RUN_FILE, checkpoint_step
@@ -178,34 +182,7 @@ def _prune(root: Path, keep_last: int, run_id: str | None, keep: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _read_state(checkpoint: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads((checkpoint / LOOP_STATE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def verify_checkpoint(checkpoint: str | Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from (naming the file), or None when it is complete:
-    the loop state parses and every file it lists is there with the size it was written with."""
-    checkpoint = Path(checkpoint)
-    state_file = checkpoint / LOOP_STATE
-    if not state_file.is_file():
-        return f"{state_file} is missing"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as exc:
-        return f"{state_file} is unreadable ({type(exc).__name__})"
-    if not isinstance(state, dict) or "step" not in state:
-        return f"{state_file} is not a loop state"
-    for rel, size in (state.get("files") or {}).items():
-        path = checkpoint / rel
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} is truncated ({path.stat().st_size} of {size} bytes)"
-    return None
+_read_state = read_state
 
 
 def find_latest(output_dir: str | Path) -> Path | None:

@@ -120,9 +120,11 @@ def check_output_dir(cfg: Config) -> None:
             json.loads(state.read_text())
         except (OSError, ValueError) as exc:
             raise ForgeError(f"{state} is unreadable ({type(exc).__name__})", key="train.resume") from None
+        check_resume_checkpoint(Path(resume))
     if resume == "auto" and not cfg.overwrite and (out / RUN_FILE).is_file():
         steps = StageResult.read(out).steps
         if last_checkpoint_step(out) < steps and finished_line(cfg) is None:  # else: nothing to do (check_run)
+            check_damaged_final(out, steps)
             raise ForgeError(
                 f"{out} holds a run that finished at step {steps} without its final checkpoint "
                 f"({label('train.final_checkpoint')} was off): nothing to continue it from. Its export is in "
@@ -136,6 +138,55 @@ def check_output_dir(cfg: Config) -> None:
                 "to remove it first, --resume auto to continue it, or choose another --output-dir",
                 key="output_dir",
             )
+
+
+def newest_intact_checkpoint(root: Path, below: int | None = None) -> tuple[int, Path] | None:
+    """(step, directory) of the newest checkpoint under `root` that verifies (checkpoint_verify), of
+    a step below `below` when given; None when there is none."""
+    from forgepipe.checkpoint_verify import verify_checkpoint
+
+    found = sorted(((checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()) if root.is_dir() else [],
+                   key=lambda sp: (sp[0], sp[1].name), reverse=True)
+    return next(((step, p) for step, p in found if step >= 0 and (below is None or step < below)
+                 and verify_checkpoint(p) is None), None)
+
+
+def check_resume_checkpoint(checkpoint: Path) -> None:
+    """--resume DIR names a checkpoint whose files are all there, whole and sound (sizes and contents:
+    checkpoint_verify), refused before launch otherwise, naming the file and the newest intact
+    checkpoint beside it (DeepSpeed would fail on it after every rank started)."""
+    from forgepipe.checkpoint_verify import verify_checkpoint
+
+    problem = verify_checkpoint(checkpoint)
+    if problem is None:
+        return
+    intact = newest_intact_checkpoint(checkpoint.parent, below=checkpoint_step(checkpoint))
+    hint = f"; the newest intact checkpoint before it is {intact[1]} (step {intact[0]})" if intact else ""
+    raise ForgeError(f"{checkpoint} cannot be resumed from: {problem}{hint}", key="train.resume")
+
+
+def damaged_final_line(out: Path, steps: int) -> str | None:
+    """When the final checkpoint (step-<steps>) of the run finished in `out` is there but damaged (its
+    loop state unreadable, a file truncated or corrupt): what is wrong, and how to continue from the
+    newest intact checkpoint. Never advice to --overwrite: that would delete the run's export and
+    its intact checkpoints."""
+    from forgepipe.checkpoint_verify import verify_checkpoint
+
+    final = out / CHECKPOINT_DIR / f"step-{steps:08d}"
+    problem = verify_checkpoint(final) if final.is_dir() else None
+    if problem is None:
+        return None
+    intact = newest_intact_checkpoint(out / CHECKPOINT_DIR, below=steps)
+    where = (f"--resume {intact[1]} continues from its newest intact checkpoint (step {intact[0]})" if intact
+             else "it has no intact checkpoint to continue from; train again into another --output-dir")
+    return f"its final checkpoint is damaged ({problem}); {where}. Its export is in {out / MODEL_SUBDIR}"
+
+
+def check_damaged_final(out: Path, steps: int) -> None:
+    """A damaged final checkpoint is said as such, not as a run without one (damaged_final_line)."""
+    line = damaged_final_line(out, steps)
+    if line:
+        raise ForgeError(f"{out} holds a run that finished at step {steps}, but {line}", key="output_dir")
 
 
 # On resume, a changed option is either honoured or refused. Honoured: the LR schedule's inputs
@@ -338,6 +389,9 @@ def finished_line(cfg: Config) -> str | None:
     t = cfg.train
     if not (0 < t.max_steps <= steps or (by_epochs and t.epochs <= old_epochs)):
         return None
+    damaged = damaged_final_line(out, steps) if final < steps else None
+    if damaged:
+        return f"{out} already finished at step {steps}: nothing to do; but {damaged}"
     if final < steps:
         more = f"it has no final checkpoint to extend ({label('train.final_checkpoint')} was off)"
     elif by_epochs:

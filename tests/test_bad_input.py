@@ -184,7 +184,23 @@ CASES: dict[str, tuple[str, object, str]] = {
                              str(write(d / "t.jinja", "{% for m in messages %}\ncaf\xe9 {{ m.content }}{% endfor %}"
                                        .encode("latin-1")))],
         "--chat-template: {d}/t.jinja:2: not UTF-8 text (byte 0xe9 at column 4)"),
+    "--resume of a checkpoint whose state file is garbage of the right size": (
+        "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--resume", str(garbage_checkpoint(d / "ck"))],
+        "--resume: {d}/ck/step-00000004 cannot be resumed from: {d}/ck/step-00000004/model/mp_rank_00_model_states.pt "
+        "is corrupt: not a torch archive (File is not a zip file); the newest intact checkpoint before it is "
+        "{d}/ck/step-00000002 (step 2)"),
 }
+
+
+def garbage_checkpoint(root: Path) -> Path:
+    """Checkpoints at steps 2 and 4 as save_checkpoint lays them out; step 4's model state overwritten
+    with garbage of its own size (test_checkpoint_verify.py)."""
+    from test_checkpoint_verify import STATE, garbage_of_the_same_size, make_checkpoint
+
+    make_checkpoint(root, 2)
+    newest = make_checkpoint(root, 4)
+    garbage_of_the_same_size(newest / STATE)
+    return newest
 
 
 def corrupt_model(model: Path, out: Path, how: str = "truncate") -> Path:
