@@ -119,13 +119,37 @@ def cache_key(data, reference_path: str, dtype: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def load_cached(path: Path) -> torch.Tensor | None:
+    """The [N, 2] log-probs cached at `path`; None when there is no file, and None with one warning
+    line naming the file when it is unreadable (cut short by a full disk or a killed job, garbage)
+    or holds something else: the caller then recomputes it and writes it again."""
+    if not path.is_file():
+        return None
+    try:
+        values = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning("reference log-probs cache %s is unreadable (%s: %s); recomputing it", path,
+                    type(exc).__name__, reason)
+        return None
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != 2 \
+            or not values.is_floating_point():
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        log.warning("reference log-probs cache %s holds %s, not [N, 2] log-probs; recomputing it", path, shape)
+        return None
+    return values
+
+
 def cached_logps(cache_dir: str, key: str, compute, world: dist.World) -> torch.Tensor | None:
     """The cached [N, 2] log-probs under `key`, or `compute()`'s, written by rank 0 (aside, then
-    renamed). Every rank takes rank 0's answer to whether the file is there."""
+    renamed). Rank 0 reads and checks the cache (load_cached) and hands its values to every rank,
+    so all ranks agree on whether to recompute (compute_logps is collective); a cache file that is
+    unreadable is recomputed and replaced, with a warning, never a traceback."""
     path = Path(cache_dir) / f"ref-logps-{key}.pt"
-    if dist.broadcast_object(path.is_file()):
+    cached = dist.broadcast_object(load_cached(path) if world.is_main else None)
+    if cached is not None:
         log.info("reference log-probs from the cache: %s", path)
-        return torch.load(path)
+        return cached
     values = compute()
     if world.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
