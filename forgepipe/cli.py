@@ -279,18 +279,27 @@ def config():
 @click.option("--config", "config_file", type=click.Path(), default=None, help="YAML config file.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 @click.option("--assume-gpu", is_flag=True, help="Check as for a GPU job (dry runs on a CPU login node).")
+@click.option("--paths", "list_paths", is_flag=True,
+              help="Only list the paths this config reads and writes, one a line: ACCESS<TAB>KEY<TAB>PATH.")
 @with_options(COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS)
 @click.argument("assignments", nargs=-1, metavar="[KEY=VALUE]...")
-def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, assignments, **kwargs):
+def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, list_paths, assignments, **kwargs):
     """Print the fully resolved config and its DeepSpeed JSON for this launch, and exit.
 
     KEY=VALUE pairs set any dotted key, e.g. deepspeed.stage3_max_live_parameters=1e9.
     """
+    overrides = {"model.name_or_path": model, "output_dir": output_dir,
+                 **overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS)}
+    if list_paths:
+        from forgepipe.paths import apply_assignments, config_paths, format_paths, unvalidated_config
+
+        cfg = unvalidated_config(stage, config_file, overrides)
+        apply_assignments(cfg, assignments)
+        click.echo(format_paths(config_paths(cfg, config_file)))
+        return
     from forgepipe.deepspeed_config import build_ds_config, validate_launch
     from forgepipe.distributed import detect_world
 
-    overrides = {"model.name_or_path": model, "output_dir": output_dir,
-                 **overrides_from(kwargs, COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS)}
     cfg = build_config(stage, config_file, overrides)
     for item in assignments:
         if "=" not in item:
@@ -310,6 +319,50 @@ def config_show(stage, model, output_dir, config_file, fmt, assume_gpu, assignme
         click.echo(json.dumps(resolved, indent=2))
     else:
         click.echo(yaml.safe_dump(resolved, sort_keys=False))
+
+
+# Each stage command's own options -> (its option table, the config keys of its named parameters).
+_STAGE_PARAMS: dict[str, tuple[list[tuple[str, str, str]], dict[str, str]]] = {
+    "sft": (COMMON_OPTIONS, {"model": "model.name_or_path"}),
+    "reward": (COMMON_OPTIONS, {"model": "model.name_or_path", "margin_field": "reward.margin_field"}),
+    "ppo": (COMMON_OPTIONS + PPO_OPTIONS, {"actor": "model.name_or_path", "reward_model": "ppo.reward_model"}),
+    "dpo": (COMMON_OPTIONS + DPO_OPTIONS, {"model": "model.name_or_path"}),
+    "pipeline": (COMMON_OPTIONS + PPO_OPTIONS + DPO_OPTIONS, {}),
+}
+
+
+@config.command("paths", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("stage", type=click.Choice(list(_STAGE_PARAMS)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def config_paths_cmd(stage, args):
+    """The paths `forgepipe STAGE ARGS...` reads and writes, one a line: ACCESS<TAB>KEY<TAB>PATH.
+
+    ARGS are the stage's own command line, parsed by the stage command itself; nothing is checked
+    or started. The Frontier and Docker launch scripts bind what this lists (forgepipe/paths.py).
+    """
+    from forgepipe.paths import (
+        WRITE,
+        PathUse,
+        all_paths,
+        format_paths,
+        pipeline_stage_configs,
+        unvalidated_config,
+    )
+
+    params = main.commands[stage].make_context(f"forgepipe {stage}", list(args)).params
+    table, named = _STAGE_PARAMS[stage]
+    config_file = params.get("config_file")
+    overrides = overrides_from(params, table)
+    if stage == "pipeline":
+        configs = pipeline_stage_configs(params["model"], params["reward_model"], params["output_dir"],
+                                         config_file, overrides, params["method"])
+        parent = params["output_dir"] or (configs[0].output_dir and os.path.dirname(configs[0].output_dir))
+        uses = [PathUse(WRITE, "output_dir", os.path.abspath(parent))] if parent else []
+    else:
+        overrides.update({key: params[name] for name, key in named.items()}, output_dir=params["output_dir"])
+        configs = [unvalidated_config(stage, config_file, overrides)]
+        uses = []
+    click.echo(format_paths(uses + [u for u in all_paths(configs, config_file) if u not in uses]))
 
 
 @main.command("models")

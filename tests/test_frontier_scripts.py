@@ -52,6 +52,19 @@ def recorder(tmp_path):
         script = bindir / name
         script.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
         script.chmod(0o755)
+    # `apptainer exec [--bind B] IMAGE forgepipe config paths ...` (the path listing at submit time)
+    # runs this checkout's forgepipe, its binds recorded apart; a dry run's `config show` is skipped
+    # (it imports torch: seconds).
+    (bindir / "apptainer").write_text(
+        "#!/bin/bash\n"
+        'if [[ "$1" == exec && " $* " == *" forgepipe config show "* ]]; then echo "(config show)"; exit 0; fi\n'
+        'if [[ "$1" == exec && " $* " == *" forgepipe config "* ]]; then\n'
+        f'    echo "$*" >> "{tmp_path}/lister"\n'
+        '    while [[ "$1" != forgepipe ]]; do shift; done\n'
+        f'    shift; exec "{BIN}/forgepipe" "$@"\n'
+        "fi\n"
+        f'echo "apptainer $*" >> "{log}"\n'
+    )
     return bindir, log
 
 
@@ -506,8 +519,8 @@ def test_paths_in_the_users_own_options_are_bound_too(image, tmp_path):
     extra_data.write_text('{"text": "x"}\n')
     cache = tmp_path / "tokcache"
     out, srun = dry_run(
-        full_settings(image, tmp_path), tmp_path, "--unsupervised-data", str(extra_data), f"--cache-dir={cache}",
-        "--resume", "auto",
+        {**full_settings(image, tmp_path), "REWARD_MODEL": str(tmp_path)}, tmp_path, "--unsupervised-data",
+        str(extra_data), f"--cache-dir={cache}", "--resume", "auto", stage="ppo",
     )
     binds = binds_of(srun)
     assert str(extra_data.parent) in binds and str(cache) in binds
@@ -728,3 +741,101 @@ def test_the_plugin_check_stays_off_on_one_node_and_on_request(job):
     assert code == 0 and "multi-node run stopped" not in out
     code, out, _, _ = ofi_job(job, 0, lines)
     assert code != 0 and "using the 'Socket' network" in out
+
+
+# --- What a stage's config reads, listed by forgepipe itself (issue 22 items 5 and 6) ----------------
+
+
+def lister_binds(tmp_path) -> list[list[str]]:
+    """The --bind lists each containerised `forgepipe config paths` ran with (the recorder's)."""
+    calls = (tmp_path / "lister").read_text().splitlines() if (tmp_path / "lister").exists() else []
+    return [c.split("--bind ")[1].split()[0].split(",") if "--bind " in c else [] for c in calls]
+
+
+@pytest.fixture
+def config_with_paths(tmp_path, monkeypatch):
+    """A YAML config naming a tokenizer and a chat template, a catalog entry under $PROJWORK, a DPO
+    reference: paths no option of the submit line names."""
+    proj = tmp_path / "proj"
+    model_dir(proj / "models" / "mine")
+    catalog = tmp_path / "catalogs" / "mine.yaml"
+    catalog.parent.mkdir()
+    catalog.write_text("models:\n  mine: $PROJWORK/models/mine\n")
+    tok = tmp_path / "tokenizers" / "tok"
+    tok.mkdir(parents=True)
+    template = tmp_path / "templates" / "chatml.jinja"
+    template.parent.mkdir()
+    template.write_text("{{ messages }}")
+    config = tmp_path / "configs" / "run.yaml"
+    config.parent.mkdir()
+    config.write_text(f"model:\n  tokenizer: {tok}\ndata:\n  chat_template: {template}\n")
+    ref = model_dir(tmp_path / "refs" / "sft")
+    reads = {"model": proj / "models" / "mine", "tokenizer": tok, "template": template.parent, "config": config.parent,
+             "catalog": catalog.parent}
+    settings = {"MODEL": "mine", "REWARD_MODEL": "mine", "PROJWORK": str(proj), "FORGEPIPE_CATALOG": str(catalog),
+                "CONFIG": str(config)}
+    return settings, reads, ref
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo", "pipeline"])
+def test_the_dry_run_of_every_stage_binds_every_path_its_config_reads(stage, recorder, image, tmp_path,
+                                                                       config_with_paths):
+    """forgepipe lists the paths (`forgepipe config paths`, in the image, at submit time): those in the
+    --config YAML, a catalog entry with $VARS, DPO's --ref; the bash no longer guesses from flags."""
+    bindir, log = recorder
+    extra, reads, ref = config_with_paths
+    args = ("--ref", str(ref)) if stage == "dpo" else ()
+    out, srun = dry_run({**full_settings(image, tmp_path), **extra}, bindir, *args, stage=stage)
+    assert out.returncode == 0, out.stderr
+    binds = binds_of(srun)
+    expected = [reads["model"], reads["tokenizer"], reads["template"], tmp_path / "out"]
+    if stage == "dpo":
+        expected.append(ref)
+    for path in expected:
+        assert str(path) in binds, (path, binds)
+    assert "from forgepipe config paths:" in out.stdout
+    assert f"#   read data.chat_template {reads['template']}/chatml.jinja\n" in out.stdout
+    # The image's forgepipe read the config and the catalog: their directories were bound for it.
+    first = lister_binds(tmp_path)[0]
+    assert str(reads["config"]) in first and str(reads["catalog"]) in first
+    assert not log.exists()  # nothing submitted
+
+
+def test_the_job_lists_the_paths_again_and_binds_them(job_binds, tmp_path, config_with_paths):
+    """A job (plain sbatch, or a resubmission) computes its binds itself, with the same listing."""
+    bindir, log, settings = job_binds
+    extra, reads, _ = config_with_paths
+    out = run([ROOT / "scripts" / "frontier" / "sft.sbatch"], {**settings, **extra}, bindir, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    binds = binds_of(log.read_text().splitlines()[0])
+    for key in ("model", "tokenizer", "template"):
+        assert str(reads[key]) in binds, (key, binds)
+
+
+@pytest.mark.parametrize("lister", [True, False], ids=["forgepipe-lists", "flags-only"])
+def test_a_relative_sqlite_store_is_bound_where_forgepipe_opens_it(lister, recorder, image, tmp_path):
+    """sqlite:///mlruns/mlflow.db (three slashes) is ./mlruns, resolved against the working directory
+    as forgepipe resolves it; it was bound (and created) as /mlruns."""
+    bindir, _ = recorder
+    settings = {**full_settings(image, tmp_path), "TRACKING_URI": "sqlite:///mlruns/mlflow.db"}
+    if not lister:  # no apptainer, no forgepipe: the command line's options are all there is
+        (bindir / "apptainer").unlink()
+        settings["FORGEPIPE_BIN"] = "no-such-forgepipe"
+        (bindir / "forgepipe").write_text("#!/bin/sh\necho '(config show)'\n")  # the dry run's last step
+        (bindir / "forgepipe").chmod(0o755)
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    out = run([SUBMIT, "sft", "--dry-run"], settings, bindir, cwd=cwd)
+    srun = next(line for line in out.stdout.splitlines() if line.startswith("srun "))
+    store = os.path.realpath(cwd / "mlruns")
+    assert store in binds_of(srun) and "/mlruns" not in binds_of(srun)
+    assert f"# created by the job before srun: {store}\n" in out.stdout
+    assert ("from forgepipe config paths" in out.stdout) == lister
+
+
+def test_a_failed_listing_stops_the_submission_in_one_line(recorder, image, tmp_path):
+    bindir, log = recorder
+    out = run([SUBMIT, "sft", "--no-such-option"], full_settings(image, tmp_path), bindir)
+    assert out.returncode == 2 and not log.exists()
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "cannot list the paths the sft stage reads and writes" in out.stderr

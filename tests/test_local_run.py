@@ -140,3 +140,18 @@ def test_a_real_run_creates_the_output_directory_first_and_runs_docker(tmp_path,
 def test_bad_arguments_stop_with_one_line(tmp_path, args, message):
     out = run(["--dry-run", *args], tmp_path)
     assert out.returncode == 2 and message in out.stderr and out.stdout == ""
+
+
+@pytest.mark.parametrize("with_forgepipe", [False, True])
+def test_a_relative_sqlite_store_is_bound_under_the_working_directory(tmp_path, stage_args, with_forgepipe):
+    """sqlite:///mlruns/mlflow.db is ./mlruns (forgepipe's tracking.absolute_uri): it was bound and
+    created as /mlruns. With a forgepipe on PATH the paths come from `forgepipe config paths`."""
+    args, _ = stage_args
+    bindir = ROOT / ".venv" / "bin"
+    out = run(["--dry-run", "--gpus", "1", "sft", *args, "--tracking-uri", "sqlite:///mlruns/mlflow.db"], tmp_path,
+              path_dirs=[bindir] if with_forgepipe else [])
+    volumes = pairs(command(out), "-v")
+    store = os.path.realpath(tmp_path / "mlruns")
+    assert f"{store}:{store}" in volumes and "/mlruns:/mlruns" not in volumes
+    assert f"# created before the run: {store}" in out.stdout
+    assert ("from forgepipe config paths" in out.stdout) == with_forgepipe

@@ -128,28 +128,36 @@ fp_path() {
     realpath -s -m -- "$p"
 }
 
-# fp_binds ARG...: FP_BINDS, the host directories the container must see for a forgepipe command
-# line ARG... (FP_MODEL_ARGS + FP_COMMON_ARGS, the user's own options included), and FP_MKDIRS, the
-# ones the stage writes that may not exist yet (fp_launch creates them just before srun; a dry run
-# creates nothing). Bound as given, never resolved:
-# - system binds and FORGEPIPE_BINDS;
-# - read paths (--model, --actor, --reward, --reward-model, --critic, --tokenizer, --data,
-#   --unsupervised-data, --config, --catalog, --resume <dir>): the directory, or a file's
-#   directory, when it exists (a catalog or Hub name is not a path);
-# - written paths (--output-dir, --cache-dir, a sqlite --tracking-uri's directory), existing or not;
-# - catalog models: $FORGEPIPE_MODEL_ROOT (relative catalog paths resolve under it), the user
-#   catalog's directory ($FORGEPIPE_CATALOG or --catalog) and every absolute path in that catalog.
-fp_binds() {
-    local -a paths=() reads=() writes=() catalogs=()
-    local p d opt value seen=","
-    FP_BINDS=()
-    FP_MKDIRS=()
-    IFS=, read -r -a paths <<< "$FORGEPIPE_SYSTEM_BINDS${FORGEPIPE_BINDS:+,$FORGEPIPE_BINDS}"
-    for p in "${paths[@]}"; do
-        if [[ -n "$p" && -e "$p" && "$seen" != *",$p,"* ]]; then seen+="$p,"; FP_BINDS+=("$p"); fi
-    done
-    local read_opts=" --model --actor --reward --reward-model --critic --tokenizer --data --unsupervised-data --config --resume "
-    local path_opts="$read_opts--catalog --output-dir --cache-dir --tracking-uri "
+# fp_store_dir URI: the directory of a local MLflow store, resolved as forgepipe resolves it
+# (tracking.absolute_uri: Path.resolve() against the working directory, symlinks followed):
+# sqlite:///mlruns/mlflow.db (three slashes) is ./mlruns, sqlite:////abs/mlflow.db is /abs; file:
+# URIs and plain directories likewise; a server prints nothing.
+fp_store_dir() {
+    local uri="$1" path
+    case "$uri" in
+        sqlite:///*) path="${uri#sqlite:///}"; [[ "$path" == :memory: ]] && return 0; dirname "$(realpath -m -- "$path")" ;;
+        file://*) path="${uri#file://}"; printf '%s\n' "${path#localhost}" ;;
+        file:*) realpath -m -- "${uri#file:}" ;;
+        *://*) ;;
+        *) [[ "${uri%%/*}" == *:* ]] || realpath -m -- "$uri" ;;
+    esac
+}
+
+# fp_flag_paths ARG...: FP_FLAG_READS and FP_FLAG_WRITES, the paths a forgepipe command line names
+# in its path options alone (model, actor, reward, reward-model, critic, ref, tokenizer, data,
+# unsupervised data, config, catalog, chat template, resume; output dir, cache dir, the tracking
+# store, $MLFLOW_TRACKING_URI's or ./mlruns without one), $FORGEPIPE_MODEL_ROOT and the absolute
+# paths of the catalogs. Used only where forgepipe cannot list the config's own paths (no
+# apptainer and no forgepipe here), and for what a containerised `forgepipe config paths` must
+# see to read the config and the catalogs (FP_FLAG_CONFIGS).
+fp_flag_paths() {
+    local opt value tracking="${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db}" p d
+    local read_opts=" --model --actor --reward --reward-model --critic --ref --tokenizer --data --unsupervised-data --config --catalog --chat-template --resume "
+    local path_opts="$read_opts--output-dir --cache-dir --tracking-uri "
+    local -a catalogs=()
+    FP_FLAG_READS=()
+    FP_FLAG_WRITES=()
+    FP_FLAG_CONFIGS=()
     while (( $# )); do
         opt="$1"
         shift
@@ -162,33 +170,123 @@ fp_binds() {
         else
             continue
         fi
-        if [[ "$read_opts" == *" $opt "* ]]; then
-            reads+=("$value")
-        elif [[ "$opt" == --catalog ]]; then
-            reads+=("$value")
-            catalogs+=("$value")
-        elif [[ "$opt" == --output-dir || "$opt" == --cache-dir ]]; then
-            writes+=("$value")
-        elif [[ "$opt" == --tracking-uri && "$value" == sqlite:///* ]]; then
-            writes+=("$(dirname "${value#sqlite://}")")
-        fi
+        case "$opt" in
+            --output-dir | --cache-dir) FP_FLAG_WRITES+=("$value") ;;
+            --tracking-uri) tracking="$value" ;;
+            --catalog) catalogs+=("$value"); FP_FLAG_READS+=("$value"); FP_FLAG_CONFIGS+=("$value") ;;
+            --config) FP_FLAG_READS+=("$value"); FP_FLAG_CONFIGS+=("$value") ;;
+            *) FP_FLAG_READS+=("$value") ;;
+        esac
     done
-    if [[ -n "${FORGEPIPE_CATALOG:-}" ]]; then catalogs+=("$FORGEPIPE_CATALOG"); reads+=("$FORGEPIPE_CATALOG"); fi
-    if [[ -n "${FORGEPIPE_MODEL_ROOT:-}" ]]; then reads+=("$FORGEPIPE_MODEL_ROOT"); fi
+    d="$(fp_store_dir "$tracking")"
+    [[ -z "$d" ]] || FP_FLAG_WRITES+=("$d")
+    if [[ -n "${FORGEPIPE_CATALOG:-}" ]]; then
+        catalogs+=("$FORGEPIPE_CATALOG"); FP_FLAG_READS+=("$FORGEPIPE_CATALOG"); FP_FLAG_CONFIGS+=("$FORGEPIPE_CATALOG")
+    fi
+    if [[ -n "${FORGEPIPE_MODEL_ROOT:-}" ]]; then FP_FLAG_READS+=("$FORGEPIPE_MODEL_ROOT"); fi
     for p in "${catalogs[@]}"; do
         [[ -f "$p" ]] || continue
-        while IFS= read -r d; do reads+=("$d"); done < <(sed -n 's/^[^#]*:[[:space:]]*\(\/[^[:space:],}#]*\).*$/\1/p' "$p")
+        while IFS= read -r d; do FP_FLAG_READS+=("$d"); done < <(sed -n 's/^[^#]*:[[:space:]]*\(\/[^[:space:],}#]*\).*$/\1/p' "$p")
     done
+    return 0
+}
+
+# fp_path_lister: FP_LISTER, the command that runs `forgepipe config paths` here: the image's own
+# forgepipe (apptainer exec, binds added per call), else $FORGEPIPE_BIN on PATH; empty when neither
+# is here (the command line's path options are then all there is to go by).
+fp_path_lister() {
+    FP_LISTER=()
+    FP_LISTER_IMAGE=""
+    if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]] && command -v apptainer >/dev/null; then
+        FP_LISTER=(apptainer exec)
+        FP_LISTER_IMAGE="${FP_IMAGE:-${IMAGE:-}}"
+    elif command -v "$FORGEPIPE_BIN" >/dev/null; then
+        FP_LISTER=("$FORGEPIPE_BIN")
+    fi
+    return 0
+}
+
+fp_bind_dir() {  # fp_bind_dir PATH: the directory to bind for a path that is read (nothing if absent)
+    local p="$1"
+    [[ -n "$p" && "$p" != *://* ]] || return 0
+    if [[ -d "$p" ]]; then fp_path "$p"; elif [[ -e "$p" ]]; then fp_path "$(dirname "$p")"; fi
+}
+
+# fp_binds STAGE ARG...: FP_BINDS, the host directories the container must see for `forgepipe
+# STAGE ARG...` (FP_MODEL_ARGS + FP_COMMON_ARGS, the user's own options included), and FP_MKDIRS,
+# the ones the stage writes that may not exist yet (fp_launch creates them just before srun; a dry
+# run creates nothing). forgepipe itself lists what the resolved config reads and writes
+# (`forgepipe config paths STAGE ARG...`, forgepipe/paths.py: models and catalog names, DPO's
+# reference, the chat template, data, paths inside a --config YAML, catalog entries with $VARS, the
+# output, cache and tracking-store directories), run at submit time and again in the job; FP_PATHS
+# keeps its lines for the dry run. Bound: the system binds and FORGEPIPE_BINDS; the directory (or a
+# file's directory) of every read path that exists; every written directory, existing or not. Paths
+# are bound as given (absolute, symlinks kept), the tracking store as forgepipe resolves its URI.
+fp_binds() {
+    local stage="$1" p d line access what listed err rc seen=","
+    shift
+    local -a paths=() reads=() writes=() boot=()
+    FP_BINDS=()
+    FP_MKDIRS=()
+    FP_PATHS=()
+    IFS=, read -r -a paths <<< "$FORGEPIPE_SYSTEM_BINDS${FORGEPIPE_BINDS:+,$FORGEPIPE_BINDS}"
+    for p in "${paths[@]}"; do
+        if [[ -n "$p" && -e "$p" && "$seen" != *",$p,"* ]]; then seen+="$p,"; FP_BINDS+=("$p"); fi
+    done
+    fp_flag_paths "$@"
+    fp_path_lister
+    # shellcheck disable=SC2034  # FP_PATHS_FROM: printed by submit.sh and run.sh
+    if (( ${#FP_LISTER[@]} == 0 )); then
+        FP_PATHS_FROM="the command line's path options (no apptainer or $FORGEPIPE_BIN here to list the config's own)"
+        reads=("${FP_FLAG_READS[@]}")
+        writes=("${FP_FLAG_WRITES[@]}")
+    else
+        FP_PATHS_FROM="forgepipe config paths"
+        # In the image, forgepipe sees only what is bound: the config and catalog files'
+        # directories; a catalog named inside the YAML is bound for a second pass.
+        for p in "${FP_FLAG_CONFIGS[@]}"; do d="$(fp_bind_dir "$p")"; [[ -z "$d" ]] || boot+=("$d"); done
+        listed=""
+        for _ in 1 2 3; do
+            local -a lister=("${FP_LISTER[@]}")
+            if [[ -n "$FP_LISTER_IMAGE" ]]; then
+                (( ${#boot[@]} == 0 )) || lister+=(--bind "$(IFS=,; echo "${boot[*]}")")
+                lister+=("$FP_LISTER_IMAGE" forgepipe)
+            fi
+            err="$(mktemp "${TMPDIR:-/tmp}/forgepipe-paths.XXXXXX")"
+            rc=0
+            line="$("${lister[@]}" config paths "$stage" "$@" 2>"$err")" || rc=$?
+            if (( rc != 0 )); then
+                local msg
+                msg="$(grep -m1 'forgepipe: ' "$err" || tail -n1 "$err")"
+                rm -f "$err"
+                fp_die "cannot list the paths the $stage stage reads and writes: ${msg#forgepipe: }"
+            fi
+            rm -f "$err"
+            [[ -z "$FP_LISTER_IMAGE" || "$line" != "$listed" ]] || break
+            listed="$line"
+            [[ -n "$FP_LISTER_IMAGE" ]] || break
+            local grew=0
+            while IFS=$'\t' read -r access what p; do
+                [[ "$access" == read && "$what" == model.catalog ]] || continue  # all it reads
+                d="$(fp_bind_dir "$p")"
+                if [[ -n "$d" && " ${boot[*]} " != *" $d "* ]]; then boot+=("$d"); grew=1; fi
+            done <<< "$listed"
+            (( grew )) || break
+        done
+        while IFS=$'\t' read -r access what p; do
+            [[ -n "$access" ]] || continue
+            FP_PATHS+=("$access $what $p")
+            if [[ "$access" == write ]]; then writes+=("$p"); else reads+=("$p"); fi
+        done <<< "$listed"
+    fi
     for p in "${reads[@]}"; do
-        [[ -n "$p" && "$p" != *://* ]] || continue
-        if [[ -d "$p" ]]; then d="$p"; elif [[ -e "$p" ]]; then d="$(dirname "$p")"; else continue; fi
-        d="$(fp_path "$d")"
-        if [[ "$seen" != *",$d,"* ]]; then seen+="$d,"; FP_BINDS+=("$d"); fi
+        d="$(fp_bind_dir "$p")"
+        if [[ -n "$d" && "$seen" != *",$d,"* ]]; then seen+="$d,"; FP_BINDS+=("$d"); fi
     done
     for p in "${writes[@]}"; do
         [[ -n "$p" ]] || continue
         d="$(fp_path "$p")"
-        [[ -d "$d" ]] || FP_MKDIRS+=("$d")
+        [[ -d "$d" || " ${FP_MKDIRS[*]} " == *" $d "* ]] || FP_MKDIRS+=("$d")
         if [[ "$seen" != *",$d,"* ]]; then seen+="$d,"; FP_BINDS+=("$d"); fi
     done
     return 0
@@ -215,7 +313,7 @@ fp_srun_cmd() {
         export APPTAINERENV_FORGEPIPE_IMAGE="${APPTAINERENV_FORGEPIPE_IMAGE:-$(fp_path "${IMAGE:-$image}")}"
         FP_SRUN+=(apptainer exec)
         [[ "$FORGEPIPE_DEVICE" == gpu ]] && FP_SRUN+=(--rocm)
-        fp_binds "${FP_MODEL_ARGS[@]}" "${FP_COMMON_ARGS[@]}"
+        fp_binds "$stage" "${FP_MODEL_ARGS[@]}" "${FP_COMMON_ARGS[@]}"
         FP_SRUN+=(--bind "$(IFS=,; echo "${FP_BINDS[*]}")" "$image" forgepipe)
     else
         FP_SRUN+=("$FORGEPIPE_BIN")

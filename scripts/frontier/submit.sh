@@ -43,6 +43,8 @@ fp_print_cmd "${sbatch_cmd[@]}"
 echo "# run in the job:"
 fp_print_cmd "${FP_SRUN[@]}"
 if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
+    echo "# paths the run reads and writes, from $FP_PATHS_FROM:"
+    for line in "${FP_PATHS[@]}"; do echo "#   $line"; done
     echo "# container binds (host paths, bound as given):"
     for bind in "${FP_BINDS[@]}"; do echo "#   $bind"; done
     for dir in "${FP_MKDIRS[@]}"; do echo "# created by the job before srun: $dir"; done

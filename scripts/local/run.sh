@@ -94,7 +94,7 @@ cmd+=(-e "FORGEPIPE_IMAGE=$image${image_id:+@$image_id}" -e "FORGEPIPE_GPU_KIND=
 
 # Binds: the working directory (relative paths work as given), the Hugging Face cache, and every
 # directory the stage reads or writes, at the same path inside as outside.
-fp_binds "$@"
+fp_binds "$stage" "$@"
 binds=("$(fp_path "$PWD")" "$HF_HOME" "${FP_BINDS[@]}")
 mkdirs=("$HF_HOME" "${FP_MKDIRS[@]}")
 seen=","
@@ -114,6 +114,8 @@ fi
 
 if (( dry_run )); then
     fp_print_cmd "${cmd[@]}"
+    echo "# paths the run reads and writes, from $FP_PATHS_FROM:"
+    for line in "${FP_PATHS[@]}"; do echo "#   $line"; done
     for dir in "${mkdirs[@]}"; do [[ -d "$dir" ]] || echo "# created before the run: $dir"; done
     exit 0
 fi
