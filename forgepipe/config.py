@@ -56,8 +56,11 @@ class Bounds:
         return None if low_ok and high_ok else f"must {self.describe()}, got {value}"
 
     def describe(self) -> str:
-        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        def num(x: float) -> str:  # 4294967295, not 4.29497e+09
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        low = f"[{num(self.ge)}" if self.ge is not None else f"({num(self.gt)}" if self.gt is not None else None
+        high = f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})" if self.lt is not None else None
         if low and high:
             return f"be in {low}, {high}"
         if self.ge is not None:
@@ -130,7 +133,7 @@ class TrainConfig:
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     epochs: int = bounded(1, ge=1)
     max_steps: int = bounded(0, ge=0)  # optimizer steps; 0 means run the epochs
-    seed: int = 1234
+    seed: int = bounded(1234, ge=0, le=2**32 - 1)  # numpy's seed range
     grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     eval_generations: int = bounded(8, ge=0)  # held-out generations (reward: scored pairs) logged per evaluation

@@ -719,6 +719,7 @@ def check_models(cfg: Config) -> None:
             kind, what = model_kind(path, "--model")
             if kind == "classifier":
                 raise ForgeError(f"{path} is {what}, not a scalar reward model (num_labels 1)", key="model.name_or_path")
+    check_tokenizer(cfg)
     if cfg.stage == "ppo":
         if not cfg.ppo.reward_model:
             raise ForgeError("required", key="ppo.reward_model")
@@ -732,6 +733,21 @@ def check_models(cfg: Config) -> None:
             path = _model_dir(cfg.ppo.critic_model, catalog, "--critic")
             if path is not None and model_kind(path, "--critic")[0] == "classifier":
                 raise ForgeError(f"{path} is {model_kind(path, '--critic')[1]}, not a scalar model", key="ppo.critic_model")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tiktoken.model")
+
+
+def check_tokenizer(cfg: Config) -> None:
+    """A local --tokenizer directory (the model's own without one) must hold a tokenizer: transformers
+    otherwise fails on every rank after DeepSpeed started, asking for sentencepiece."""
+    if not cfg.model.tokenizer:
+        return
+    path = Path(cfg.model.tokenizer).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ForgeError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...)",
+                         key="model.tokenizer")
 
 
 # ---------------------------------------------------------------------------
@@ -829,7 +845,7 @@ def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = (
     fmt = detect_format(columns, source)
     share = data_share(stage)  # dpo reads the reward share: preference pairs
     if share == "reward":
-        require_pairs_columns(columns, source)
+        require_pairs_columns(columns, source, stage)
     for k in keep:
         if k not in columns:
             raise ForgeError(f"{source}: no field {k!r} (fields: {', '.join(columns)})")

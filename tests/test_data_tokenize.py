@@ -148,3 +148,29 @@ def test_cache_key_changes():
     assert base != tk.cache_key(ds, make_tokenizer(WORDS[:-1] + ["red"]), fn="sft", max_seq_len=8)
     assert base != tk.cache_key(ds.select([0, 0]), make_tokenizer(), fn="sft", max_seq_len=8)
     assert len(base) == 64
+
+
+def test_a_huge_record_is_cut_before_tokenizing_with_the_same_tokens_kept(tok, tmp_path):
+    """A 20 MB response is cut to CHARS_PER_TOKEN x --max-seq-len characters before the tokenizer sees it
+    (it was tokenized whole, then truncated: a minute and gigabytes for one record); the ids kept equal
+    those of the whole text, prompt (kept from its end) and response (from its start) alike."""
+    import time
+
+    prompt = "hello " * 400_000 + f"{H} sky{A}"
+    response = " the sky is blue" + " green" * 4_000_000
+    ds = rows((prompt, response, None, "pair"))
+    start = time.monotonic()
+    out = tokenize_sft(ds, tok, max_seq_len=24, max_prompt_len=8, cache_dir=tmp_path)
+    assert time.monotonic() - start < 10
+    whole = sft_example(tk._ids(tok, [prompt])[0][-64:], tk._ids(tok, [response[:4000]])[0], 2, 24, 8)
+    assert out["input_ids"][0] == whole[0] and out["labels"][0] == whole[1]
+    pairs_out, _ = tokenize_pairs(datasets.Dataset.from_list([{"prompt": prompt, "chosen": response,
+                                                              "rejected": " the sky is green", "kind": "pair"}]),
+                                  tok, 24, 8, tmp_path)
+    assert pairs_out["chosen_input_ids"][0][:8] == whole[0][:8]
+
+
+def test_pairs_that_are_all_identical_are_refused_by_name(tok, tmp_path):
+    ds = rows(("hello", " same", " same", "pair"), ("hello", " blue", " blue", "pair"))
+    with pytest.raises(ForgeError, match=r"^data/p.jsonl: all 2 pairs have the same chosen and rejected text"):
+        tokenize_pairs(ds, tok, 32, 16, tmp_path, source="data/p.jsonl")

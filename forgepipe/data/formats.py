@@ -332,14 +332,14 @@ def check_dropped(report: DropReport, max_fraction: float) -> None:
         )
 
 
-def require_pairs(ds: datasets.Dataset, source: str) -> None:
-    """Stage reward needs chosen/rejected pairs: check a source's raw (un-normalised) columns."""
-    require_pairs_columns(ds.column_names, source)
+def require_pairs(ds: datasets.Dataset, source: str, stage: str = "reward") -> None:
+    """The preference stages (reward, dpo) need chosen/rejected pairs: check a source's raw columns."""
+    require_pairs_columns(ds.column_names, source, stage)
 
 
-def require_pairs_columns(columns: Sequence[str], source: str) -> None:
+def require_pairs_columns(columns: Sequence[str], source: str, stage: str = "reward") -> None:
     if detect_format(columns, source) not in ("pair", "hh"):
         raise ForgeError(
             f"{source}: no chosen/rejected pairs (fields: {', '.join(columns)}); "
-            "stage reward needs {prompt, chosen, rejected} or HH {chosen, rejected}"
+            f"stage {stage} needs {{prompt, chosen, rejected}} or HH {{chosen, rejected}}"
         )

@@ -159,6 +159,18 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
+# Characters of text kept per token of budget before tokenizing: a bound no token's text reaches, so the
+# tokens kept after truncation are the same, while a 50 MB record costs milliseconds, not a minute and GBs.
+CHARS_PER_TOKEN = 64
+
+
+def _clipped(texts: list[str], tokens: int, keep_end: bool) -> list[str]:
+    """Texts cut to CHARS_PER_TOKEN x `tokens` characters: the end of a prompt (left truncation), the
+    start of a response (right truncation)."""
+    n = CHARS_PER_TOKEN * tokens
+    return [t if len(t) <= n else (t[-n:] if keep_end else t[:n]) for t in texts]
+
+
 def _eos(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ForgeError(f"tokenizer {type(tokenizer).__name__} has no eos_token; set one in its config")
@@ -196,7 +208,8 @@ def _sft_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, chat=None)
             out["labels"].append(example[1])
 
     if chat is None:
-        for p, r in zip(_ids(tokenizer, batch["prompt"]), _ids(tokenizer, batch["chosen"]), strict=True):
+        prompts = _ids(tokenizer, _clipped(batch["prompt"], max_prompt_len, keep_end=True))
+        for p, r in zip(prompts, _ids(tokenizer, _clipped(batch["chosen"], max_seq_len, keep_end=False)), strict=True):
             add(sft_example(p, r, eos_id, max_seq_len, max_prompt_len))
         return out
     for i, messages, sides in _chat_rows(batch, chat, ("chosen",)):
@@ -209,10 +222,11 @@ def _sft_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, chat=None)
     return out
 
 
-def _pair_ids(batch, tokenizer, chat):
+def _pair_ids(batch, tokenizer, chat, max_seq_len: int, max_prompt_len: int):
     """(row index, prompt ids, chosen response ids, rejected response ids) per row."""
     if chat is None:
-        prompts, chosen, rejected = (_ids(tokenizer, batch[k]) for k in ("prompt", "chosen", "rejected"))
+        prompts = _ids(tokenizer, _clipped(batch["prompt"], max_prompt_len, keep_end=True))
+        chosen, rejected = (_ids(tokenizer, _clipped(batch[k], max_seq_len, keep_end=False)) for k in ("chosen", "rejected"))
         yield from zip(range(len(prompts)), prompts, chosen, rejected, strict=True)
         return
     for i, messages, sides in _chat_rows(batch, chat, ("chosen", "rejected")):
@@ -230,7 +244,7 @@ def _pairs_batch(batch, tokenizer, eos_id, max_seq_len, max_prompt_len, margin_f
         out["prompt_len"] = []
     if chat is not None:
         eos_id = chat.end_id  # the reward is read at the template's end-of-turn token
-    for i, p, c, r in _pair_ids(batch, tokenizer, chat):
+    for i, p, c, r in _pair_ids(batch, tokenizer, chat, max_seq_len, max_prompt_len):
         c_ids = pair_side(p, c, eos_id, max_seq_len, max_prompt_len)
         r_ids = pair_side(p, r, eos_id, max_seq_len, max_prompt_len)
         if c_ids == r_ids:  # truncation left nothing that tells them apart
@@ -330,6 +344,9 @@ def tokenize_pairs(
     keep = [i for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if c != r]
     n_identical = len(ds) - len(keep)
     given = ds
+    if n_identical and not keep:  # else the run fails later, blaming the batch size for an empty share
+        raise ForgeError(f"{source}: all {n_identical} pairs have the same chosen and rejected text: nothing to "
+                         "prefer")
     if n_identical:
         log.info("%s: dropped %d pairs whose chosen and rejected text are identical", source, n_identical)
         ds = ds.select(keep)
