@@ -106,7 +106,7 @@ def full_settings(image, tmp_path):
         "DATA": str(DATA),
         "OUTPUT_DIR": str(tmp_path / "out"),
         # `module load libfabric` puts its lib64 on LD_LIBRARY_PATH; the job inherits it.
-        "LD_LIBRARY_PATH": f"{fake_libfabric(tmp_path, '1.22.0')}:/opt/cray/pe/lib64",
+        "LD_LIBRARY_PATH": f"{fake_libfabric(tmp_path, '2.1.0')}:/opt/cray/pe/lib64",
     }
 
 
@@ -438,7 +438,7 @@ def test_a_warning_after_the_run_finished_is_not_a_stop(job):
     [
         ({}, 600),  # WALLTIME 02:00:00: 10 minutes, time to checkpoint a large model
         ({"WALLTIME": "10"}, 120),  # a fifth of a short walltime, else the warning would come at once
-        ({"WALLTIME": "1-00:00:00"}, 600),
+        ({"WALLTIME": "1-00:00:00", "PARTITION": "extended"}, 600),
         ({"WALLTIME": "1:30"}, 18),
         ({"WALLTIME": "10", "FORGEPIPE_SIGNAL_LEAD": "900"}, 900),
     ],
@@ -839,3 +839,140 @@ def test_a_failed_listing_stops_the_submission_in_one_line(recorder, image, tmp_
     assert out.returncode == 2 and not log.exists()
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert "cannot list the paths the sft stage reads and writes" in out.stderr
+
+
+
+# --- Frontier's scheduling policy, checked before sbatch (issue 22 item 4) ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"NODES": "8", "WALLTIME": "06:00:00"}, "WALLTIME 06:00:00 is over Frontier's 2 h for 1-91 nodes (NODES=8)"),
+        ({"NODES": "92", "WALLTIME": "12:00:00"}, "over Frontier's 6 h for 92-183 nodes"),
+        ({"NODES": "200", "WALLTIME": "1-00:00:00"}, "over Frontier's 12 h for 184-9408 nodes"),
+        ({"NODES": "65", "WALLTIME": "20:00:00", "PARTITION": "extended"}, "extended partition takes at most 64 nodes"),
+        ({"NODES": "1", "WALLTIME": "03:00:00", "QOS": "debug"}, "over the debug QOS's 2 h"),
+        ({"NODES": "1", "WALLTIME": "01:00:00", "SBATCH_ARGS": "-q debug --dependency=afterok:1"},
+         "forbids chained (dependent) jobs in the debug QOS"),
+        ({"NODES": "1", "SBATCH_ARGS": "-t 4:00:00"}, "WALLTIME 4:00:00 is over Frontier's 2 h"),
+        ({"NODES": "1", "WALLTIME": "2h"}, "WALLTIME='2h' is not a walltime sbatch reads"),
+    ],
+)
+def test_submit_refuses_a_job_frontier_would_refuse_in_one_line(settings, message, recorder, image, tmp_path):
+    bindir, log = recorder
+    out = run([SUBMIT, "sft"], {**full_settings(image, tmp_path), **settings}, bindir)
+    assert out.returncode == 2 and not log.exists(), out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"NODES": "8", "WALLTIME": "02:00:00"},
+        {"NODES": "92", "WALLTIME": "06:00:00"},
+        {"NODES": "184", "WALLTIME": "12:00:00"},
+        {"NODES": "64", "WALLTIME": "1-00:00:00", "PARTITION": "extended"},
+        {"NODES": "9408", "WALLTIME": "12:00:00"},
+    ],
+)
+def test_submit_accepts_every_bin_up_to_its_limit(settings, recorder, image, tmp_path):
+    bindir, log = recorder
+    out = run([SUBMIT, "sft"], {**full_settings(image, tmp_path), **settings}, bindir)
+    assert out.returncode == 0, out.stderr
+    assert f" -N {settings['NODES']} -t {settings['WALLTIME']} " in log.read_text()
+
+
+def test_a_debug_job_runs_without_a_resubmission_chain(recorder, image, tmp_path):
+    bindir, log = recorder
+    (bindir / "sbatch").write_text(f'#!/bin/sh\necho "sbatch $* MAX=$FORGEPIPE_MAX_RESUBMITS" >> "{log}"\n')
+    settings = {**full_settings(image, tmp_path), "NODES": "2", "WALLTIME": "00:20:00", "QOS": "debug"}
+    out = run([SUBMIT, "sft"], settings, bindir)
+    assert out.returncode == 0, out.stderr
+    assert " -q debug " in log.read_text() and log.read_text().strip().endswith("MAX=0")
+
+
+def test_a_job_in_the_debug_qos_never_resubmits_itself(job):
+    start, sbatch_calls, _, _ = job
+    code, out = finish(start(85, SLURM_JOB_QOS="debug"))
+    assert code == 85 and not sbatch_calls(), out
+    assert "forbids chained jobs in the debug QOS" in out
+
+
+def test_the_readme_frontier_example_is_a_job_frontier_accepts(recorder, image, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running on Frontier")[1].split("\n## ")[0]
+    example = re.search(r"^export MODEL=.*$", section, flags=re.M).group(0)
+    settings = dict(re.findall(r"\b(NODES|WALLTIME|PARTITION|QOS)=(\S+)", example))
+    assert "NODES" in settings and "WALLTIME" in settings, example
+    bindir, _ = recorder
+    out = run([SUBMIT, "sft"], {**full_settings(image, tmp_path), **settings}, bindir)
+    assert out.returncode == 0, out.stderr
+
+
+# --- Jobs: offline, per-job caches, derived settings recomputed, clean container (issue 22 item 8) -
+
+
+def submitted_env(tmp_path, login: dict[str, str]) -> dict[str, str]:
+    """The environment sbatch hands the job: submit.sh's own, after env.sh on the login node."""
+    bindir = tmp_path / "submit-bin"
+    bindir.mkdir(exist_ok=True)
+    dump = tmp_path / "job-env"
+    (bindir / "sbatch").write_text(f'#!/bin/sh\nenv -0 > "{dump}"\n')
+    (bindir / "sbatch").chmod(0o755)
+    out = run([SUBMIT, "sft"], login, bindir)
+    assert out.returncode == 0, out.stderr
+    return dict(item.split("=", 1) for item in dump.read_text().split("\0") if "=" in item)
+
+
+def test_a_job_recomputes_what_env_sh_derived_on_the_login_node(image, tmp_path):
+    login_module = fake_libfabric(tmp_path / "login", "2.1.0")
+    settings = {**full_settings(image, tmp_path), "NODES": "2", "LD_LIBRARY_PATH": str(login_module),
+                "TRITON_CACHE_DIR": "/lustre/me/triton"}  # set by the user: kept
+    exported = submitted_env(tmp_path, settings)
+    assert exported["HF_HOME"] == "/tmp/forgepipe-tester-local/hf"  # what the login node derived
+    job_module = fake_libfabric(tmp_path / "job", "2.2.0")
+    job = source_env({**exported, "SLURM_JOB_ID": "9001", "SLURM_JOB_NUM_NODES": "2", "LD_LIBRARY_PATH": str(job_module)})
+    assert job["HF_HOME"] == job["APPTAINERENV_HF_HOME"] == "/tmp/forgepipe-tester-9001/hf"
+    assert job["MIOPEN_USER_DB_PATH"] == "/tmp/forgepipe-tester-9001/miopen"
+    assert job["FORGEPIPE_LIBFABRIC_DIR"] == str(job_module)
+    assert job["APPTAINERENV_LD_LIBRARY_PATH"].startswith(f"{job_module}:")
+    assert job["TRITON_CACHE_DIR"] == job["APPTAINERENV_TRITON_CACHE_DIR"] == "/lustre/me/triton"
+    # ... and a resubmitted job its own again.
+    again = source_env({**job, "SLURM_JOB_ID": "9002"})
+    assert again["HF_HOME"] == "/tmp/forgepipe-tester-9002/hf" and again["MASTER_PORT"] != job["MASTER_PORT"]
+
+
+def test_jobs_are_offline_with_a_private_port_and_a_thread_per_core():
+    for job_id in ("1", "32767", "4242424"):
+        host = source_env({"SLURM_JOB_ID": job_id, "CPUS_PER_TASK": "7"})
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            assert host[name] == host[f"APPTAINERENV_{name}"] == "1", name
+        port = int(host["APPTAINERENV_MASTER_PORT"])
+        assert 1024 < port < 32768, port  # below Linux's ephemeral range, 32768-60999
+        assert host["OMP_NUM_THREADS"] == host["APPTAINERENV_OMP_NUM_THREADS"] == "7"
+    assert source_env({"SLURM_JOB_ID": "1", "HF_HUB_OFFLINE": "0"})["HF_HUB_OFFLINE"] == "0"
+
+
+def test_no_host_pythonpath_or_rocm_path_reaches_the_container():
+    host = source_env({"SLURM_JOB_ID": "1", "PYTHONPATH": "/sw/cray-python/site-packages", "ROCM_PATH": "/opt/rocm-6.0.0"})
+    inside = container_env(host, {"LD_LIBRARY_PATH": "/usr/local/lib"})
+    assert "PYTHONPATH" not in inside and "ROCM_PATH" not in inside
+    # The job's own environment keeps them with the direct launcher (a conda env in the job).
+    direct = source_env({"FORGEPIPE_LAUNCHER": "direct", "PYTHONPATH": "/env/site"})
+    assert direct["PYTHONPATH"] == "/env/site"
+
+
+def test_a_multi_node_job_needs_libfabric_2(recorder, image, tmp_path):
+    bindir, log = recorder
+    old = fake_libfabric(tmp_path, "1.22.0")
+    settings = {**full_settings(image, tmp_path), "NODES": "2", "LD_LIBRARY_PATH": str(old)}
+    out = run([SUBMIT, "sft"], settings, bindir)
+    assert out.returncode == 2 and not log.exists()
+    assert f"libfabric 1.22.0 in {old}; RCCL's network plugin in the image needs libfabric >= 2.0" in out.stderr
+    # fi_info beside the library is asked first.
+    bin_dir = old.parent / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fi_info").write_text("#!/bin/sh\necho 'fi_info: 2.0.0'\necho 'libfabric: 2.0.0'\n")
+    (bin_dir / "fi_info").chmod(0o755)
+    assert run([SUBMIT, "sft"], settings, bindir).returncode == 0

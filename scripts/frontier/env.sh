@@ -10,6 +10,22 @@
 : "${FORGEPIPE_SITE:=frontier}"
 export FORGEPIPE_SITE
 
+# --- Settings derived from where this runs ------------------------------------------------------
+# What this file derives from the host and the job (the node count, the job id, the loaded libfabric
+# module, ...) is derived again wherever it is sourced: submit.sh sources it on a login node and
+# sbatch exports the whole environment into the job (a job into the job it resubmits, too), where
+# those values would otherwise arrive frozen: caches named for no job ("-local") or for the last
+# one, the login node's libfabric and its libraries. FORGEPIPE_ENV_DERIVED names them: they are
+# dropped here and computed afresh. A variable you set yourself is never in it, and is kept.
+for _fp_var in ${FORGEPIPE_ENV_DERIVED:-}; do unset "$_fp_var"; done
+FORGEPIPE_ENV_DERIVED=""
+fp_derive() {  # fp_derive NAME VALUE: export NAME=VALUE unless NAME is set (yours); noted as derived
+    if [[ -z "${!1:-}" ]]; then
+        export "$1=$2"
+        FORGEPIPE_ENV_DERIVED+=" $1"
+    fi
+}
+
 # --- Node shape and launch switches -------------------------------------------------------------
 # One rank per GCD: 8 per node, 7 cores each (Frontier reserves one core per L3 region).
 : "${GPUS_PER_NODE:=8}"
@@ -38,8 +54,10 @@ export GPUS_PER_NODE CPUS_PER_TASK FORGEPIPE_LAUNCHER FORGEPIPE_BIN FORGEPIPE_DE
     FORGEPIPE_GPU_BIND FORGEPIPE_GCD_ORDER FORGEPIPE_EXIT_REQUEUE FORGEPIPE_MAX_RESUBMITS FORGEPIPE_RESUBMIT_COUNT
 
 # Nodes of this job (inside the allocation Slurm says; before submission, NODES or 1).
-: "${NODES:=${SLURM_JOB_NUM_NODES:-1}}"
-export NODES
+fp_derive NODES "${SLURM_JOB_NUM_NODES:-1}"
+
+# Threads per rank: the rank's own cores (torch's and OpenMP's default is every core of the node).
+fp_derive OMP_NUM_THREADS "$CPUS_PER_TASK"
 
 # --- Staging to node-local NVMe -----------------------------------------------------------------
 # Imports from Lustre take minutes at scale; with FORGEPIPE_STAGE_IMAGE=1 the image is copied once per
@@ -59,17 +77,15 @@ if [[ "$FORGEPIPE_SITE" == frontier ]]; then
 # The libfabric plugin only initialises on multi-node jobs (the network is not set up for one
 # node), so OFI is forced only then: a multi-node run then fails at start if the plugin is
 # missing, instead of silently using TCP sockets.
-if [[ -z "${NCCL_NET:-}" ]]; then
-    if (( NODES > 1 )); then export NCCL_NET=OFI; else export NCCL_NET=Socket; fi
-fi
+if (( NODES > 1 )); then fp_derive NCCL_NET OFI; else fp_derive NCCL_NET Socket; fi
 # On such a job launch.sh also watches RCCL's own report (NCCL_DEBUG=INFO, INIT and NET lines) for
 # the plugin: the run stops with the cause when it does not load, rather than hang or crawl.
 # FORGEPIPE_OFI_CHECK=0 turns this off; FORGEPIPE_OFI_TIMEOUT (seconds from RCCL's first line to
 # its "Using network" line) bounds a silent start; FORGEPIPE_OFI_PROVIDER is the libfabric provider
 # the plugin must pick (cxi: Slingshot).
 if [[ "$NCCL_NET" == OFI && "$FORGEPIPE_OFI_CHECK" == 1 ]]; then
-    export NCCL_DEBUG="${NCCL_DEBUG:-INFO}"
-    export NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
+    fp_derive NCCL_DEBUG INFO
+    fp_derive NCCL_DEBUG_SUBSYS INIT,NET
 fi
 # Let rings and trees use any of a node's four NICs.
 export NCCL_CROSS_NIC="${NCCL_CROSS_NIC:-1}"
@@ -100,6 +116,18 @@ if [[ "$FORGEPIPE_ALT_RDZV" == 1 ]]; then
     export FI_CXI_RDZV_THRESHOLD="${FI_CXI_RDZV_THRESHOLD:-0}"
     export FI_CXI_RDZV_GET_MIN="${FI_CXI_RDZV_GET_MIN:-0}"
 fi
+
+# --- Rendezvous port and offline compute nodes --------------------------------------------------
+# forgepipe's rank-0 rendezvous port, one per job (two jobs may share a node), below Linux's
+# ephemeral range (32768-60999), from which any process's outgoing connection may already hold it.
+if [[ -n "${SLURM_JOB_ID:-}" && "$SLURM_JOB_ID" =~ ^[0-9]+$ ]]; then
+    fp_derive MASTER_PORT "$(( 20000 + SLURM_JOB_ID % 12768 ))"
+fi
+# Compute nodes have no internet: a stray Hub access (a model or data name that is not a local
+# path) fails at once with the name, instead of retrying until a timeout.
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 fi  # FORGEPIPE_SITE == frontier
 
 # --- Caches and home: node-local, one set per job ----------------------------------------------
@@ -108,23 +136,22 @@ fi  # FORGEPIPE_SITE == frontier
 # cache goes to node-local /tmp (memory-backed on Frontier's compute nodes), one directory per user
 # and job. forgepipe's own tokenized-data cache is not among them: it lives in the output directory
 # (shared, so that rank 0 builds it once for every node).
-: "${FORGEPIPE_NODE_TMP:=/tmp/forgepipe-${USER:-$(id -un)}-${SLURM_JOB_ID:-local}}"
-export FORGEPIPE_NODE_TMP
+fp_derive FORGEPIPE_NODE_TMP "/tmp/forgepipe-${USER:-$(id -un)}-${SLURM_JOB_ID:-local}"
 # MIOpen's user database (one sqlite file) and kernel cache.
-export MIOPEN_USER_DB_PATH="${MIOPEN_USER_DB_PATH:-$FORGEPIPE_NODE_TMP/miopen}"
-export MIOPEN_CUSTOM_CACHE_DIR="${MIOPEN_CUSTOM_CACHE_DIR:-$MIOPEN_USER_DB_PATH}"
+fp_derive MIOPEN_USER_DB_PATH "$FORGEPIPE_NODE_TMP/miopen"
+fp_derive MIOPEN_CUSTOM_CACHE_DIR "$MIOPEN_USER_DB_PATH"
 # Hugging Face: Frontier's compute nodes have no internet, models and data are local paths, so the
 # hub cache and `datasets`' Arrow cache of raw files are per job. On a workstation the hub cache is
 # the user's own (downloads are kept; run.sh binds it).
 if [[ "$FORGEPIPE_SITE" == local ]]; then
-    export HF_HOME="${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}"
+    fp_derive HF_HOME "${XDG_CACHE_HOME:-$HOME/.cache}/huggingface"
 else
-    export HF_HOME="${HF_HOME:-$FORGEPIPE_NODE_TMP/hf}"
+    fp_derive HF_HOME "$FORGEPIPE_NODE_TMP/hf"
 fi
-export HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-$FORGEPIPE_NODE_TMP/hf-datasets}"
+fp_derive HF_DATASETS_CACHE "$FORGEPIPE_NODE_TMP/hf-datasets"
 # Triton's compiled kernels and torch's JIT extensions (DeepSpeed ops not prebuilt in the image).
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$FORGEPIPE_NODE_TMP/triton}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$FORGEPIPE_NODE_TMP/torch-extensions}"
+fp_derive TRITON_CACHE_DIR "$FORGEPIPE_NODE_TMP/triton"
+fp_derive TORCH_EXTENSIONS_DIR "$FORGEPIPE_NODE_TMP/torch-extensions"
 # A user's ~/.local packages must never shadow the image's (or the job environment's).
 export PYTHONNOUSERSITE="${PYTHONNOUSERSITE:-1}"
 
@@ -136,12 +163,13 @@ export PYTHONNOUSERSITE="${PYTHONNOUSERSITE:-1}"
 FORGEPIPE_CONTAINER_ENV="MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR HF_HOME HF_DATASETS_CACHE TRITON_CACHE_DIR TORCH_EXTENSIONS_DIR PYTHONNOUSERSITE FORGEPIPE_NODE_TMP"
 if [[ "$FORGEPIPE_SITE" == frontier ]]; then
     FORGEPIPE_CONTAINER_ENV+=" NCCL_NET NCCL_CROSS_NIC NCCL_NET_GDR_LEVEL NCCL_SOCKET_IFNAME HSA_FORCE_FINE_GRAIN_PCIE"
+    FORGEPIPE_CONTAINER_ENV+=" HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE OMP_NUM_THREADS"
     FORGEPIPE_CONTAINER_ENV+=" FI_MR_CACHE_MONITOR FI_CXI_DISABLE_HOST_REGISTER FI_CXI_DEFAULT_CQ_SIZE FI_CXI_DEFAULT_TX_SIZE FI_CXI_RX_MATCH_MODE"
     if [[ "$FORGEPIPE_ALT_RDZV" == 1 ]]; then
         FORGEPIPE_CONTAINER_ENV+=" FI_CXI_RDZV_PROTO FI_CXI_RDZV_EAGER_SIZE FI_CXI_RDZV_THRESHOLD FI_CXI_RDZV_GET_MIN"
     fi
 fi
-for _fp_var in NCCL_DEBUG NCCL_DEBUG_SUBSYS FI_PROVIDER MLFLOW_TRACKING_URI FORGEPIPE_MODEL_ROOT FORGEPIPE_CATALOG; do
+for _fp_var in MASTER_PORT NCCL_DEBUG NCCL_DEBUG_SUBSYS FI_PROVIDER MLFLOW_TRACKING_URI FORGEPIPE_MODEL_ROOT FORGEPIPE_CATALOG; do
     if [[ -n "${!_fp_var:-}" ]]; then FORGEPIPE_CONTAINER_ENV+=" $_fp_var"; fi
 done
 unset _fp_var
@@ -166,9 +194,7 @@ fp_module_libfabric_dir() {
     done
     return 0
 }
-if [[ "$FORGEPIPE_SITE" == frontier && -z "${FORGEPIPE_LIBFABRIC_DIR:-}" ]]; then
-    FORGEPIPE_LIBFABRIC_DIR="$(fp_module_libfabric_dir)"
-fi
+if [[ "$FORGEPIPE_SITE" == frontier ]]; then fp_derive FORGEPIPE_LIBFABRIC_DIR "$(fp_module_libfabric_dir)"; fi
 : "${FORGEPIPE_LIBFABRIC_DIR:=}"
 export FORGEPIPE_LIBFABRIC_DIR
 
@@ -197,7 +223,7 @@ fp_fabric_libs() {
 if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
     for _fp_var in $FORGEPIPE_CONTAINER_ENV; do
         _fp_name="APPTAINERENV_$_fp_var"
-        [[ -n "${!_fp_name:-}" ]] || export "$_fp_name=${!_fp_var}"
+        fp_derive "$_fp_name" "${!_fp_var}"
     done
     unset _fp_var _fp_name
     export APPTAINERENV_NCCL_NET_PLUGIN="${APPTAINERENV_NCCL_NET_PLUGIN:-$FORGEPIPE_NCCL_NET_PLUGIN}"
@@ -205,10 +231,11 @@ if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
         # The literal $LD_LIBRARY_PATH is expanded inside the container, after the image's own
         # environment: the host libfabric first, then everything the image put there.
         # shellcheck disable=SC2016
-        export APPTAINERENV_LD_LIBRARY_PATH="${APPTAINERENV_LD_LIBRARY_PATH:-$FORGEPIPE_LIBFABRIC_DIR:\$LD_LIBRARY_PATH}"
+        fp_derive APPTAINERENV_LD_LIBRARY_PATH "$FORGEPIPE_LIBFABRIC_DIR:\$LD_LIBRARY_PATH"
         if [[ -z "${APPTAINER_CONTAINLIBS:-}" ]]; then
-            APPTAINER_CONTAINLIBS="$(fp_fabric_libs | paste -sd, -)"
-            if [[ -n "$APPTAINER_CONTAINLIBS" ]]; then export APPTAINER_CONTAINLIBS; else unset APPTAINER_CONTAINLIBS; fi
+            _fp_libs="$(fp_fabric_libs | paste -sd, -)"
+            if [[ -n "$_fp_libs" ]]; then fp_derive APPTAINER_CONTAINLIBS "$_fp_libs"; fi
+            unset _fp_libs
         fi
     fi
 fi
@@ -221,3 +248,15 @@ else
     : "${FORGEPIPE_SYSTEM_BINDS:=}"
 fi
 export FORGEPIPE_SYSTEM_BINDS
+
+# Host variables a container must not inherit (Apptainer passes every host variable the image does
+# not set): a module's PYTHONPATH would put the host's packages before the image's, a host ROCm's
+# path its tools and libraries. Dropped here, for the job and its srun, with the container
+# launcher; FORGEPIPE_HOST_ONLY_ENV names them.
+: "${FORGEPIPE_HOST_ONLY_ENV:=PYTHONPATH PYTHONHOME ROCM_PATH ROCM_HOME HIP_PATH}"
+export FORGEPIPE_HOST_ONLY_ENV
+if [[ "$FORGEPIPE_LAUNCHER" == apptainer ]]; then
+    for _fp_var in $FORGEPIPE_HOST_ONLY_ENV; do unset "$_fp_var"; done
+    unset _fp_var
+fi
+export FORGEPIPE_ENV_DERIVED

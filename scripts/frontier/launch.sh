@@ -62,7 +62,87 @@ fp_check() {
             || fp_missing FORGEPIPE_LIBFABRIC_DIR "no libfabric.so.1 on LD_LIBRARY_PATH: 'module load libfabric' (the job inherits it) or set FORGEPIPE_LIBFABRIC_DIR=/opt/cray/libfabric/<version>/lib64"
         [[ -e "$FORGEPIPE_LIBFABRIC_DIR/libfabric.so.1" ]] \
             || fp_die "FORGEPIPE_LIBFABRIC_DIR: no libfabric.so.1 in $FORGEPIPE_LIBFABRIC_DIR"
+        # The image's RCCL network plugin links against libfabric 2.x symbols.
+        local version
+        version="$(fp_libfabric_version "$FORGEPIPE_LIBFABRIC_DIR")"
+        if [[ "$version" =~ ^([0-9]+)\. ]] && (( BASH_REMATCH[1] < 2 )); then
+            fp_die "FORGEPIPE_LIBFABRIC_DIR: libfabric $version in $FORGEPIPE_LIBFABRIC_DIR; RCCL's network plugin in the image needs libfabric >= 2.0: load a libfabric 2.x module (module avail libfabric) or set FORGEPIPE_LIBFABRIC_DIR to one"
+        fi
     fi
+}
+
+# fp_libfabric_version DIR: the version of the libfabric in DIR (its lib64): `fi_info --version`
+# beside it, else the Cray module's directory name (/opt/cray/libfabric/<version>/lib64); empty if
+# neither tells.
+fp_libfabric_version() {
+    local dir="$1" version=""
+    if [[ -x "$dir/../bin/fi_info" ]]; then
+        version="$(LD_LIBRARY_PATH="$dir" "$dir/../bin/fi_info" --version 2>/dev/null | sed -n 's/^libfabric: *\([0-9][0-9.]*\).*/\1/p' | head -n1)"
+    fi
+    if [[ -z "$version" && "$dir" =~ /libfabric/([0-9]+\.[0-9][0-9.]*)(/|$) ]]; then version="${BASH_REMATCH[1]}"; fi
+    echo "$version"
+}
+
+# --- Frontier's scheduling policy ----------------------------------------------------------------
+# OLCF's Frontier user guide ("Scheduling Policy"): in the batch partition the longest walltime
+# depends on the node count, 2 h for 1-91 nodes, 6 h for 92-183, 12 h for 184-9408; the extended
+# partition takes up to 64 nodes for up to 24 h; the debug QOS at most 2 h, one job per user, and
+# no job chains (a dependent job is refused: no resubmission there). Slurm would accept such a job
+# into the queue and never start it, or refuse it after the wait; submit.sh refuses it at once.
+# fp_check_policy: one line and exit 2 when NODES, WALLTIME, PARTITION and QOS (SBATCH_QOS,
+# SBATCH_PARTITION, and any -N/-t/-p/-q in SBATCH_ARGS, which come last and win) break it;
+# FP_POLICY is what the dry run says; under the debug QOS the resubmission chain is turned off.
+# FORGEPIPE_POLICY_CHECK=0 skips the limits (another cluster, or a reservation).
+fp_check_policy() {
+    : "${WALLTIME:=02:00:00}"
+    local walltime="$WALLTIME" nodes="$NODES" qos="${QOS:-${SBATCH_QOS:-}}" part="${PARTITION:-${SBATCH_PARTITION:-}}"
+    local -a words=()
+    local i w v secs limit bin chain=0
+    read -r -a words <<< "${SBATCH_ARGS:-}"
+    for (( i = 0; i < ${#words[@]}; i++ )); do
+        w="${words[i]}"
+        case "$w" in
+            --time=* | --nodes=* | --qos=* | --partition=*) v="${w#*=}"; w="${w%%=*}" ;;
+            -t | --time | -N | --nodes | -q | --qos | -p | --partition) v="${words[i + 1]:-}"; i=$(( i + 1 )) ;;
+            -t?* | -N?* | -q?* | -p?*) v="${w:2}"; w="${w:0:2}" ;;
+            --dependency* | -d*) chain=1; continue ;;
+            *) continue ;;
+        esac
+        case "$w" in -t | --time) walltime="$v" ;; -N | --nodes) nodes="$v" ;; -q | --qos) qos="$v" ;; -p | --partition) part="$v" ;; esac
+    done
+    FP_POLICY=""
+    [[ "$FORGEPIPE_SITE" == frontier && "${FORGEPIPE_POLICY_CHECK:-1}" == 1 ]] || return 0
+    secs="$(fp_walltime_seconds "$walltime")"
+    [[ -n "$secs" ]] || fp_die "WALLTIME='$walltime' is not a walltime sbatch reads (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S)"
+    [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || fp_die "NODES='$nodes' is not a node count"
+    if [[ "$part" == extended ]]; then
+        (( nodes <= 64 )) || fp_die "NODES=$nodes: Frontier's extended partition takes at most 64 nodes; use the batch partition (PARTITION unset) for more"
+        limit=24; bin="the extended partition (1-64 nodes)"
+    elif (( nodes > 9408 )); then
+        fp_die "NODES=$nodes: Frontier has 9408 nodes"
+    elif (( nodes >= 184 )); then limit=12; bin="184-9408 nodes"
+    elif (( nodes >= 92 )); then limit=6; bin="92-183 nodes"
+    else limit=2; bin="1-91 nodes"
+    fi
+    if [[ "$qos" == debug ]]; then
+        (( chain == 0 )) || fp_die "QOS=debug: OLCF forbids chained (dependent) jobs in the debug QOS; drop --dependency from SBATCH_ARGS"
+        if (( secs > 7200 )); then
+            fp_die "WALLTIME $walltime is over the debug QOS's 2 h; use WALLTIME=02:00:00 or less, or drop QOS=debug"
+        fi
+        if (( FORGEPIPE_MAX_RESUBMITS > 0 )); then
+            export FORGEPIPE_MAX_RESUBMITS=0
+            FP_POLICY="QOS debug: at most 2 h, and no resubmission chain (OLCF forbids chained jobs there); submit again to continue a stopped run. "
+        fi
+    fi
+    if (( secs > limit * 3600 )); then
+        local hh hint
+        printf -v hh '%02d' "$limit"
+        hint="use WALLTIME=$hh:00:00 or less (a run stopped by the walltime resubmits itself and continues)"
+        if (( limit == 2 )); then hint+=", NODES=92 or more for 6 h"; fi
+        if (( nodes <= 64 )) && [[ "$part" != extended ]]; then hint+=", or PARTITION=extended (24 h, up to 64 nodes)"; fi
+        fp_die "WALLTIME $walltime is over Frontier's ${limit} h for $bin (NODES=$nodes${part:+, PARTITION=$part}); $hint"
+    fi
+    FP_POLICY+="walltime $walltime within Frontier's ${limit} h for $bin${qos:+ (QOS $qos)}"
 }
 
 # Does this launch turn on ZeRO++ (zeropp) or its quantized gradients (qgz)? Reads ZEROPP and args.
@@ -431,6 +511,10 @@ fp_wait() {  # fp_wait PID: its exit status; a trapped signal interrupts `wait`,
 fp_resubmit() {
     local stage="$1" count="$FORGEPIPE_RESUBMIT_COUNT" arg skip=0 word limit
     shift
+    if [[ "${QOS:-${SLURM_JOB_QOS:-}}" == debug ]]; then
+        echo "forgepipe: not resubmitting: OLCF forbids chained jobs in the debug QOS; submit again to continue" >&2
+        return 0
+    fi
     if (( count >= FORGEPIPE_MAX_RESUBMITS )); then
         echo "forgepipe: not resubmitting: $count resubmission(s) already (FORGEPIPE_MAX_RESUBMITS=$FORGEPIPE_MAX_RESUBMITS); submit again to continue" >&2
         return 0

@@ -27,6 +27,7 @@ export FORGEPIPE_ROOT
 . "$FORGEPIPE_ROOT/scripts/frontier/launch.sh"
 
 fp_check "$stage" submit
+fp_check_policy
 fp_forgepipe_args "$stage" "${args[@]}"
 fp_srun_cmd "$stage"
 
@@ -38,6 +39,7 @@ if [[ "$dry_run" == 0 ]]; then
     exec "${sbatch_cmd[@]}"
 fi
 
+[[ -z "$FP_POLICY" ]] || echo "# policy: $FP_POLICY"
 echo "# submit:"
 fp_print_cmd "${sbatch_cmd[@]}"
 echo "# run in the job:"
