@@ -46,11 +46,24 @@ lint: install ## ruff, shellcheck on every script, hadolint on the Dockerfile
 	$(VENV)/bin/shellcheck -x $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint containers/Dockerfile.rocm containers/Dockerfile.cuda
 
-.PHONY: sif docker docker-run frontier-sft frontier-reward frontier-ppo frontier-dpo frontier-pipeline slurm-up slurm-down
-sif: ## Build the Apptainer image $(SIF) (Apptainer >= 1.2, registry access; stops while a base digest is unpinned)
-	args="$$(containers/build-args.sh --recipe containers/Apptainer.def)" && apptainer build $$args $(SIF) containers/Apptainer.def
-docker: ## Build the Docker image $(DOCKER_TAG) (GPU=amd: ROCm, GPU=nvidia: CUDA)
-	args="$$(containers/build-args.sh --recipe $(DOCKERFILE))" && docker build $$args -f $(DOCKERFILE) -t $(DOCKER_TAG) .
+# Base images: pinned by digest in containers/versions.env (`make pin`); an empty digest builds from the
+# tag, resolved to its digest now where a registry client is found, recorded in $(LOCK) (the image
+# carries it), the image's labels and its runs' MLflow tags. STRICT_PINS=1 refuses that. ROCM_ARCH:
+# the GPU architecture(s) of a ROCm image's DeepSpeed ops (make docker: this host's, else gfx90a).
+STRICT_PINS ?= 0
+ROCM_ARCH ?=
+LOCK ?= containers/versions.lock
+
+.PHONY: sif docker pin docker-run frontier-sft frontier-reward frontier-ppo frontier-dpo frontier-pipeline slurm-up slurm-down
+sif: ## Build the Apptainer image $(SIF) (Apptainer >= 1.2, registry access; STRICT_PINS=1 refuses an unpinned base)
+	args="$$(STRICT_PINS=$(STRICT_PINS) ROCM_ARCH='$(ROCM_ARCH)' containers/build-args.sh --recipe containers/Apptainer.def --lock $(LOCK))" \
+	  && apptainer build $$args $(SIF) containers/Apptainer.def
+docker: ## Build the Docker image $(DOCKER_TAG) (GPU=amd: ROCm, ops for this host's GPUs or ROCM_ARCH; GPU=nvidia: CUDA)
+	arch='$(ROCM_ARCH)'; if [[ "$(GPU)" != nvidia && -z "$$arch" ]]; then arch="$$(containers/host-rocm-arch.sh)"; fi; \
+	  args="$$(STRICT_PINS=$(STRICT_PINS) ROCM_ARCH="$$arch" containers/build-args.sh --recipe $(DOCKERFILE) --lock $(LOCK))" \
+	  && docker build $$args -f $(DOCKERFILE) -t $(DOCKER_TAG) .
+pin: ## Look up the base images' digests (skopeo, crane, regctl, docker buildx or curl) and write them into containers/versions.env
+	containers/pin.sh
 docker-run: ## Run a stage in Docker on this machine's GPUs (STAGE=sft ARGS="--model ..." GPU=amd|nvidia; DRY_RUN=1 prints)
 	scripts/local/run.sh --gpu $(GPU) --image $(DOCKER_TAG) $(if $(DRY_RUN),--dry-run) $(STAGE) $(ARGS)
 frontier-sft: ## Submit SFT on Frontier (ACCOUNT, IMAGE, MODEL, DATA, OUTPUT_DIR from env; ARGS=...; DRY_RUN=1 previews)

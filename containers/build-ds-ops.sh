@@ -52,8 +52,14 @@ case "$flavor" in
         if [[ -e "$target" || -L "$target" ]]; then mv "$target" "$work/rocminfo.real"; fi
         rocminfo="$target"
         mkdir -p "$(dirname "$rocminfo")"
-        printf '#!/bin/sh\n# forgepipe build stand-in: the target GPU, not the build machine'"'"'s\necho "  Name:                    %s"\necho "  Wavefront Size:          %s(0x%x)"\n' \
-            "$PYTORCH_ROCM_ARCH" "$ROCM_WAVEFRONT_SIZE" "$ROCM_WAVEFRONT_SIZE" > "$rocminfo"
+        # One agent per architecture of PYTORCH_ROCM_ARCH (a ;-separated list: `make docker ROCM_ARCH=...`).
+        {
+            printf '#!/bin/sh\n# forgepipe build stand-in: the target GPU, not the build machine'"'"'s\n'
+            for arch in ${PYTORCH_ROCM_ARCH//;/ }; do
+                printf 'echo "  Name:                    %s"\necho "  Wavefront Size:          %s(0x%x)"\n' \
+                    "$arch" "$ROCM_WAVEFRONT_SIZE" "$ROCM_WAVEFRONT_SIZE"
+            done
+        } > "$rocminfo"
         chmod +x "$rocminfo"
         mkdir -p "$work/rocm-bin" && ln -s "$rocminfo" "$work/rocm-bin/rocminfo"
         export PATH="$work/rocm-bin:$PATH"

@@ -386,5 +386,10 @@ main.add_command(chat)
 main.add_command(score)
 
 
+from forgepipe.doctor import doctor  # noqa: E402  (`forgepipe doctor`: doctor.py)
+
+main.add_command(doctor)
+
+
 if __name__ == "__main__":
     main()

@@ -135,6 +135,8 @@ def environment_tags(world: World) -> dict[str, str]:
         tags["container_image"] = image
     if os.environ.get("FORGEPIPE_IMAGE_BUILD"):
         tags["image_build"] = os.environ["FORGEPIPE_IMAGE_BUILD"]  # base, digest, torch, ROCm/CUDA, arch
+    if os.environ.get("FORGEPIPE_BASE_IMAGE_DIGEST"):  # the base image's digest as pulled (containers/build-args.sh)
+        tags["base_image_digest"] = os.environ["FORGEPIPE_BASE_IMAGE_DIGEST"]
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     return tags

@@ -220,7 +220,7 @@ def test_dry_run_prints_the_container_srun_line_and_the_resolved_config(image, t
     assert out.returncode == 0, out.stderr
     assert re.fullmatch(
         r"srun -N 2 -n 16 --ntasks-per-node=8 -c7 --cpu-bind=cores --kill-on-bad-exit=1 --gpus-per-node=8 "
-        rf"--gpu-bind=none apptainer exec --rocm --bind \S+ {re.escape(str(image))} forgepipe sft "
+        rf"--gpu-bind=none apptainer exec --bind \S+ {re.escape(str(image))} forgepipe sft "
         rf"--model {re.escape(str(tmp_path))} --data {re.escape(str(DATA))} --output-dir \S+/out --max-steps 3 --per-device-batch-size 1",
         srun,
     ), srun
@@ -628,7 +628,7 @@ def test_every_variable_the_image_sets_is_passed_so_that_the_jobs_value_wins():
                                                                    flags=re.S | re.M).group(1), flags=re.M))
     host = source_env({"NODES": "2", "SLURM_JOB_ID": "1", "FORGEPIPE_LIBFABRIC_DIR": "/opt/cray/libfabric/x/lib64"})
     passed = {k[len("APPTAINERENV_"):] for k in host if k.startswith("APPTAINERENV_")}
-    assert image_sets - {"FORGEPIPE_GIT_COMMIT", "FORGEPIPE_IMAGE_BUILD"} <= passed
+    assert image_sets - {"FORGEPIPE_GIT_COMMIT", "FORGEPIPE_IMAGE_BUILD", "FORGEPIPE_BASE_IMAGE_DIGEST"} <= passed
 
 
 def test_caches_and_home_are_node_local_and_job_scoped():

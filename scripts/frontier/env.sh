@@ -30,7 +30,7 @@ fp_derive() {  # fp_derive NAME VALUE: export NAME=VALUE unless NAME is set (you
 # One rank per GCD: 8 per node, 7 cores each (Frontier reserves one core per L3 region).
 : "${GPUS_PER_NODE:=8}"
 : "${CPUS_PER_TASK:=7}"
-# apptainer: srun starts `apptainer exec --rocm IMAGE forgepipe ...`; direct: srun starts
+# apptainer: srun starts `apptainer exec IMAGE forgepipe ...`; direct: srun starts
 # `$FORGEPIPE_BIN` from the job's own environment (a conda env, or CI's virtualenv).
 : "${FORGEPIPE_LAUNCHER:=apptainer}"
 : "${FORGEPIPE_BIN:=forgepipe}"
@@ -198,23 +198,26 @@ if [[ "$FORGEPIPE_SITE" == frontier ]]; then fp_derive FORGEPIPE_LIBFABRIC_DIR "
 : "${FORGEPIPE_LIBFABRIC_DIR:=}"
 export FORGEPIPE_LIBFABRIC_DIR
 
-# System libraries the host libfabric needs that the image lacks, copied into the container's
-# /.singularity.d/libs (Apptainer puts that directory on the library path): OLCF's list for RCCL in
-# containers (libcxi, json-c, libnl, jansson, libxpmem, ...) plus whatever `ldd` says the host
-# libfabric links from the system directories, C runtime aside. Only files present are named.
+# System libraries the host libfabric's CXI provider needs, copied into the container's
+# /.singularity.d/libs (Apptainer puts that directory first on the library path, over the image's
+# own copies): OLCF's list for RCCL in containers (libcxi, json-c, libnl, jansson, libxpmem) and,
+# of what `ldd` says the host libfabric links from the system directories, only those same
+# libraries (another soname of them). Nothing else: libdrm, libcurl, libssl, libcrypto and the
+# rest of the closure would shadow the image's own for every library in the container
+# (`forgepipe doctor` shows where each one loads from). Only files present are named.
 fp_fabric_libs() {
     local lib
     {
         printf '%s\n' /usr/lib64/libcxi.so.1 /usr/lib64/libjson-c.so.3 /usr/lib64/libjson-c.so.5 \
             /usr/lib64/libnl-3.so.200 /usr/lib64/libnl-route-3.so.200 /usr/lib64/libjansson.so.4 \
-            /usr/lib64/libdrm.so.2 /usr/lib64/libxpmem.so.0
+            /usr/lib64/libxpmem.so.0
         if [[ -n "$FORGEPIPE_LIBFABRIC_DIR" && -e "$FORGEPIPE_LIBFABRIC_DIR/libfabric.so.1" ]] && command -v ldd >/dev/null; then
             { ldd "$FORGEPIPE_LIBFABRIC_DIR/libfabric.so.1" 2>/dev/null || true; } | awk '$2 == "=>" && $3 ~ /^\/(usr\/)?lib64\// {print $3}'
         fi
     } | while IFS= read -r lib; do
         case "$(basename "$lib")" in
-            libc.so* | libm.so* | libdl.so* | libpthread.so* | librt.so* | libresolv.so* | libutil.so* | \
-                ld-linux* | libgcc_s.so* | libstdc++.so* | libz.so*) continue ;;
+            libcxi.so* | libjson-c.so* | libnl-3.so* | libnl-route-3.so* | libjansson.so* | libxpmem.so*) ;;
+            *) continue ;;
         esac
         if [[ -e "$lib" ]]; then echo "$lib"; fi
     done | awk '!seen[$0]++'

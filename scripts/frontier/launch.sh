@@ -391,8 +391,9 @@ fp_srun_cmd() {
         # The image as the user named it (APPTAINER_CONTAINER is the NVMe copy when staged), for
         # the run's record (forgepipe/tracking.py keeps FORGEPIPE_* variables in environment.json).
         export APPTAINERENV_FORGEPIPE_IMAGE="${APPTAINERENV_FORGEPIPE_IMAGE:-$(fp_path "${IMAGE:-$image}")}"
+        # No --rocm: it binds host libdrm, libnuma, libelf over the image's (which has its own ROCm);
+        # /dev/kfd and /dev/dri come with /dev. Host libraries: the network path only (env.sh).
         FP_SRUN+=(apptainer exec)
-        [[ "$FORGEPIPE_DEVICE" == gpu ]] && FP_SRUN+=(--rocm)
         fp_binds "$stage" "${FP_MODEL_ARGS[@]}" "${FP_COMMON_ARGS[@]}"
         FP_SRUN+=(--bind "$(IFS=,; echo "${FP_BINDS[*]}")" "$image" forgepipe)
     else
