@@ -858,6 +858,9 @@ def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = (
         else:
             usable.append(row)
     check_dropped(report, cfg.data.max_dropped_fraction)
+    if share == "reward" and usable and all(row[1] == row[2] for row in usable):
+        raise ForgeError(f"{source}: all {len(usable)} pairs have the same chosen and rejected text: nothing to "
+                         "prefer")  # else the stage, having dropped them all, would blame the batch size
     if not whole:
         return None
     shares = parse_split(cfg.data.split)

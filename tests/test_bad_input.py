@@ -184,6 +184,17 @@ CASES: dict[str, tuple[str, object, str]] = {
                              str(write(d / "t.jinja", "{% for m in messages %}\ncaf\xe9 {{ m.content }}{% endfor %}"
                                        .encode("latin-1")))],
         "--chat-template: {d}/t.jinja:2: not UTF-8 text (byte 0xe9 at column 4)"),
+    "--seed outside numpy's range": ("sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--seed", "-1"],
+                                     "--seed: must be in [0, 4294967295], got -1"),
+    "a --tokenizer directory without a tokenizer": (
+        "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--tokenizer", str(write(d / "tok" / "README", "") and d / "tok")],
+        "--tokenizer: {d}/tok holds no tokenizer"),
+    "dpo given documents is told what dpo needs": ("dpo", lambda d, m: ["--data", str(SAMPLE_DOCS)],
+                                                   "no chosen/rejected pairs (fields: text); stage dpo needs"),
+    "pairs that are all identical, not blamed on the batch size": (
+        "dpo", lambda d, m: ["--data", str(write(d / "same.jsonl", "".join(
+            json.dumps({"prompt": f"Q{i}?", "chosen": f"A{i}", "rejected": f"A{i}"}) + "\n" for i in range(40))))],
+        "same.jsonl: all 40 pairs have the same chosen and rejected text: nothing to prefer"),
     "--resume of a checkpoint whose state file is garbage of the right size": (
         "sft", lambda d, m: ["--data", str(SAMPLE_PAIRS), "--resume", str(garbage_checkpoint(d / "ck"))],
         "--resume: {d}/ck/step-00000004 cannot be resumed from: {d}/ck/step-00000004/model/mp_rank_00_model_states.pt "
