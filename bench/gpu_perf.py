@@ -10,6 +10,8 @@ What a lent GPU's minutes go to, written to --out as they come (gpu_perf.md, gpu
 3. **The plain-PyTorch ceiling**: the same model from its config, bf16 weights, fused AdamW, one
    [B, L] batch of real tokens, labels = inputs, no DeepSpeed and no forgepipe; with transformers'
    SDPA and with the padded head dimension.
+3b. **Rollouts**: generated tokens/s of PPO's sampler before (transformers' `generate`) and of the rollout
+   engine (forgepipe/rollout.py) on gpu_check's 350M actor shape, at 4 and 64 prompts per call.
 4. **forgepipe through its real CLI**, lever by lever, on rows that fill [B, L] exactly (every row
    is truncated to --max-seq-len, so real and computed tokens agree and the ceiling's shape is
    forgepipe's): the defaults, then each lever turned back, then reward and DPO.
@@ -253,6 +255,43 @@ def write_profile(step, device: str, path: Path, steps: int = 3) -> None:
 
 
 # ---------------------------------------------------------------------------
+# 3b. rollouts: the decode loop against transformers' generate (issue 24)
+
+
+def rollout_table(shape: dict, batches: tuple[int, ...], prompt_len: int, new_tokens: int, device: str) -> list[dict]:
+    """Generated tokens/s of PPO's old sampler (transformers' generate) and of forgepipe/rollout.py at
+    each batch size (prompts per call), bf16, an EOS never sampled (every row runs to new_tokens)."""
+    import torch
+    from transformers import AutoConfig, GPTNeoXForCausalLM
+
+    from forgepipe.models.tiny import tiny_asset_dir
+    from forgepipe.rollout import RolloutEngine, SamplingSettings
+
+    config = AutoConfig.from_pretrained(tiny_asset_dir(), local_files_only=True)
+    for key, value in shape.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPTNeoXForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    eos, out = config.vocab_size - 1, []
+    for batch in batches:
+        ids = torch.randint(0, eos, (batch, prompt_len), device=device)
+        mask = torch.ones_like(ids)
+        variants = {"transformers generate (PPO before)": lambda ids=ids, mask=mask: model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            eos_token_id=eos, pad_token_id=0)}
+        for every in (1, 8):
+            engine = RolloutEngine(model, eos_token_id=eos, pad_token_id=0)
+            variants[f"rollout engine, check every {every}"] = lambda engine=engine, ids=ids, mask=mask, every=every: \
+                engine.generate(ids, mask, SamplingSettings(max_new_tokens=new_tokens, check_every=every))
+        for name, fn in variants.items():
+            seconds = timed(fn, device, 1, 3 if device == "cuda" else 1)
+            out.append({"rollout": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                        "tokens_per_s": batch * new_tokens / seconds, "ms_per_token": seconds / new_tokens * 1e3})
+    return out
+
+
+# ---------------------------------------------------------------------------
 # 4. forgepipe through its CLI
 
 
@@ -351,6 +390,11 @@ def table(result: dict) -> str:
         lines += [f"| {a['attention']} | {'yes' if a['mask'] else 'no (causal)'} | {', '.join(a['backends'])} | "
                   f"{fmt(a['fwd_bwd_ms'], 2)} | {fmt(a['tflops'])} |" for a in result["attention"]]
         lines.append("")
+    if result.get("rollouts"):
+        lines.append("| rollout | prompts | prompt + new tokens | generated tokens/s | ms per token |\n|---|---|---|---|---|")
+        lines += [f"| {r['rollout']} | {r['batch']} | {r['prompt_len']} + {r['new_tokens']} | {fmt(r['tokens_per_s'], 0)} | "
+                  f"{fmt(r['ms_per_token'], 2)} |" for r in result["rollouts"]]
+        lines.append("")
     lines.append("| row | shape | tokens/s | model TFLOP/s | MFU | / ceiling | / AMP ceiling | peak mem GiB | s | "
                  "options / note |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -371,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=0, help="seconds for everything; late rows are skipped")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per forgepipe run")
     parser.add_argument("--rows", default="", help="comma-separated indices of FORGEPIPE_ROWS to run (default all)")
-    parser.add_argument("--parts", default="gemm,attention,ceiling,forgepipe", help="which parts to run")
+    parser.add_argument("--parts", default="gemm,attention,rollout,ceiling,forgepipe", help="which parts to run")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler tables of the first forgepipe row and of the bf16 ceiling (in logs.tgz)")
     args = parser.parse_args(argv)
@@ -425,6 +469,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{small['hidden_size'] // small['num_attention_heads']}", plan["batch"], small["num_attention_heads"],
           plan["small_seq"], small["hidden_size"] // small["num_attention_heads"])], device)
     write()
+
+    if "rollout" in parts:  # PPO's sampler on the 350M actor shape of gpu_check
+        plan_r = dict(batches=(4, 64), prompt=128, new=128) if gpu else dict(batches=(2,), prompt=8, new=8)
+        try:
+            result["rollouts"] = rollout_table(SHAPES["neox-350m" if gpu else plan["model"]], plan_r["batches"],
+                                               plan_r["prompt"], plan_r["new"], device)
+        except Exception as exc:
+            result["rollouts"] = [{"rollout": f"error: {type(exc).__name__}: {exc}"[:300], "batch": 0, "prompt_len": 0,
+                                   "new_tokens": 0, "tokens_per_s": math.nan, "ms_per_token": math.nan}]
+        gc.collect()
+        write()
 
     ceilings, ceiling_rows = {}, []
     variants = {"model": [("auto", False), ("auto", True), ("sdpa", False)], "small": [("sdpa", False)]}

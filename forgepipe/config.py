@@ -230,6 +230,10 @@ class PPOConfig:
     ptx_coef: float = bounded(0.0, ge=0)  # unsupervised loss coefficient (needs data.unsupervised_sources)
     ema: float = bounded(0.0, ge=0, lt=1)  # EMA decay of the actor for export; 0 disables
     gather_for_generation: bool = True  # gather ZeRO-3 params once per generation batch
+    # Stop when the sampler's log-probs differ from the training forward's by more than this many nats per
+    # response token on average (a sampler with other weights or a broken cache silently biases PPO)
+    max_rollout_logprob_gap: float = bounded(0.5, gt=0)
+    rollout_check_every: int = bounded(8, ge=1)  # generated tokens between the host's "all ended?" checks
 
 
 @dataclass

@@ -105,6 +105,11 @@ PPO_OPTIONS: list[tuple[str, str, str]] = [
     ("--temperature", "ppo.temperature", "Sampling temperature."),
     ("--top-p", "ppo.top_p", "Nucleus sampling."),
     ("--generation-batch-size", "ppo.generation_batch_size", "Prompts per rank per experience batch."),
+    ("--max-rollout-logprob-gap", "ppo.max_rollout_logprob_gap",
+     "Stop when the sampler's log-probs drift from the training forward's by more than this (nats per token, "
+     "mean over a log window; logged as ppo/rollout_logprob_gap)."),
+    ("--rollout-check-every", "ppo.rollout_check_every",
+     "Generated tokens between the checks whether every response has ended (each check is a host sync)."),
     ("--ppo-epochs", "ppo.ppo_epochs", "PPO passes over each experience batch."),
     ("--eval-prompts", "ppo.eval_prompts",
      "Held-out prompts answered by the policy and the reference at each evaluation (0: off)."),

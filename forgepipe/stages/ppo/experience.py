@@ -181,6 +181,7 @@ class Experience:
     prompt_len: int  # P, the padded prompt length
     generation_s: float = 0.0  # seconds spent in generate()
     scoring_s: float = 0.0  # seconds spent in the actor/ref/critic/reward forwards
+    logp_rollout: torch.Tensor | None = None  # [B, R] the sampler's own log-probs (rollout.py): its drift from logp_old
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -195,27 +196,33 @@ class Experience:
 def make_experience(actor, critic, ref, reward, prompts: dict[str, torch.Tensor], *, ppo: PPOConfig,
                     eos_token_id: int, pad_token_id: int, forward_batch_size: int | None = None,
                     synced_gpus: bool = False, gather: bool = False, actor_tokenizer=None,
-                    reward_tokenizer=None) -> Experience:
-    """Sample responses to `prompts` (left-padded input_ids/attention_mask) and score them.
+                    reward_tokenizer=None, rollout=None, call: int | None = None) -> Experience:
+    """Sample responses to `prompts` (left-padded input_ids/attention_mask) through the rollout engine
+    (`rollout`, else one made here; `call` seeds its draw: the PPO step, so a resumed run samples what an
+    uninterrupted one would) and score them.
 
     `reward_tokenizer` is given only when it differs from the actor's: the reward model then
     reads re-tokenized text. Forwards run in chunks of `forward_batch_size` rows (every rank runs
     the same number, which ZeRO-3 needs).
     """
+    from forgepipe.rollout import RolloutEngine, SamplingSettings
+
     device = _device(actor)
     prompt_ids = prompts["input_ids"].to(device)
     prompt_mask = prompts["attention_mask"].to(device)
     prompt_len = prompt_ids.shape[1]
+    if rollout is None:
+        rollout = RolloutEngine(actor, eos_token_id=eos_token_id, pad_token_id=pad_token_id, gather=gather,
+                                synced=synced_gpus and not gather)
 
     start = wall_clock(device)
-    sequences = generate(actor, prompt_ids, prompt_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p,
-                         synced_gpus=synced_gpus, gather=gather)
+    sampled = rollout.generate(prompt_ids, prompt_mask, SamplingSettings(
+        max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p,
+        check_every=ppo.rollout_check_every), call=call)
     generation_s = wall_clock(device) - start
 
     start = wall_clock(device)
-    action_mask = response_mask(sequences[:, prompt_len:], eos_token_id)
-    attention_mask = torch.cat([prompt_mask.long(), action_mask], dim=1)
+    sequences, action_mask, attention_mask = sampled.sequences, sampled.action_mask, sampled.attention_mask
     for model in (actor, critic):
         model.eval()
     parts: dict[str, list[torch.Tensor]] = {"logp_old": [], "logp_ref": [], "values_old": [], "scores": []}
@@ -235,6 +242,6 @@ def make_experience(actor, critic, ref, reward, prompts: dict[str, torch.Tensor]
     return Experience(
         sequences=sequences, attention_mask=attention_mask, action_mask=action_mask, logp_old=logp_old,
         logp_ref=logp_ref, values_old=values_old, rewards=rewards, advantages=advantages, returns=returns,
-        scores=scores, response_lengths=action_mask.sum(dim=1), prompt_len=prompt_len,
+        scores=scores, logp_rollout=sampled.logprobs, response_lengths=action_mask.sum(dim=1), prompt_len=prompt_len,
         generation_s=generation_s, scoring_s=wall_clock(device) - start,
     )

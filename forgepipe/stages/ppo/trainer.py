@@ -31,6 +31,8 @@ from forgepipe.loop import LoopSettings, drive, epoch_order, memory_metrics, ran
 from forgepipe.models.catalog import resolve_model
 from forgepipe.models.load import LoraSettings, load_causal_lm, load_tokenizer
 from forgepipe.models.reward_model import has_scalar_head, load_scalar_model
+from forgepipe.options import label
+from forgepipe.rollout import RolloutEngine
 from forgepipe.stages.context import StageContext
 from forgepipe.stages.ppo.evaluation import EvalSettings, PolicyEvaluation
 from forgepipe.stages.ppo.experience import (
@@ -200,7 +202,7 @@ class _StateDictSource:
 
 
 STEP_SUMS = ("rows", "tokens", "score", "kl", "reward", "policy_loss", "value_loss", "clip_frac", "approx_kl",
-             "ptx_loss", "updates", "generation_s", "scoring_s", "training_s", "steps")
+             "ptx_loss", "updates", "generation_s", "scoring_s", "training_s", "steps", "logprob_gap")
 
 
 def step_sums(exp: Experience, stats: dict[str, Any], training_s: float) -> dict[str, Any]:
@@ -208,7 +210,9 @@ def step_sums(exp: Experience, stats: dict[str, Any], training_s: float) -> dict
     mask = exp.action_mask
     tokens = mask.sum().double()
     kl = masked_mean(exp.logp_old - exp.logp_ref, mask)
-    return {"rows": float(len(exp)), "tokens": tokens, "score": exp.scores.double().sum(), "kl": kl.double() * tokens,
+    rollout = exp.logp_old if exp.logp_rollout is None else exp.logp_rollout
+    gap = (rollout - exp.logp_old).abs() * mask  # the sampler against the training forward
+    return {"logprob_gap": gap.double().sum(), "logprob_gap_max": gap.max().double(),"rows": float(len(exp)), "tokens": tokens, "score": exp.scores.double().sum(), "kl": kl.double() * tokens,
             "reward": exp.rewards.double().sum(), **{k: stats[k] for k in ("policy_loss", "value_loss", "clip_frac",
                                                                             "approx_kl", "ptx_loss", "updates")},
             "generation_s": exp.generation_s, "scoring_s": exp.scoring_s, "training_s": training_s, "steps": 1.0}
@@ -233,10 +237,24 @@ def window_metrics(sums: dict[str, Any], world: dist.World, ptx: bool) -> tuple[
         "time/generation_s": total["generation_s"] / per_step,
         "time/scoring_s": total["scoring_s"] / per_step,
         "time/training_s": total["training_s"] / per_step,
+        "time/generation_share": total["generation_s"] / max(total["generation_s"] + total["scoring_s"]
+                                                             + total["training_s"], 1e-9),
+        "ppo/rollout_logprob_gap": total["logprob_gap"] / max(tokens, 1.0),  # nats per response token
     }
+    if "logprob_gap_max" in sums:
+        record["ppo/rollout_logprob_gap_max"] = dist.min_max([sums["logprob_gap_max"]])[1][0]
     if ptx:
         record["ppo/ptx_loss"] = total["ptx_loss"] / updates
     return record, rows, tokens
+
+
+def check_rollout_gap(gap: float, limit: float, step: int) -> None:
+    """A sampler whose log-probs drift from the training forward's biases every PPO ratio without an
+    error: stop in one line past `--max-rollout-logprob-gap` (the last checkpoint is kept)."""
+    if gap > limit:
+        raise ForgeError(f"the sampler's log-probs differ from the training forward's by {gap:.3g} nats per token "
+                         f"in the steps up to {step}, more than {label('ppo.max_rollout_logprob_gap')} {limit:g}: "
+                         "the rollout engine does not sample from the weights being trained")
 
 
 def ema_state_dict(actor, ema: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
@@ -406,6 +424,10 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
         ptx_batches = ptx_stream(i.ptx_data, SFTCollator(i.tokenizer.pad_token_id, multiple), cfg, world,
                                  start=state.step * p.ppo_epochs * i.micro_batches)
     per_epoch = len(i.prompts) // (world.world_size * i.generation_batch)
+    # One rollout engine for the run; its draws are seeded by (seed, rank) and the PPO step (call=).
+    rollout = RolloutEngine(m.actor, eos_token_id=stop_token_id(i.tokenizer), pad_token_id=i.tokenizer.pad_token_id,
+                            seed=cfg.train.seed * 1_009 + world.rank, gather=gather,
+                            synced=zero3 and world.world_size > 1 and not gather)
     window: dict[str, Any] = {}
     box = {"ema": ema}
 
@@ -420,19 +442,22 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
             forward_batch_size=cfg.train.per_device_batch_size,
             synced_gpus=zero3 and world.world_size > 1 and not gather, gather=gather,
             actor_tokenizer=i.tokenizer, reward_tokenizer=i.reward_tokenizer if i.mismatch else None,
+            rollout=rollout, call=state.step,
         )
         start = wall_clock(exp.sequences.device)
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step)
         stats = train_on_experience(m.actor, m.critic, exp, cfg, i.micro_batches, generator, ptx_batches)
         for k, v in step_sums(exp, stats, wall_clock(exp.sequences.device) - start).items():
-            window[k] = window.get(k, 0.0) + v
+            window[k] = torch.maximum(window[k], v) if k.endswith("_max") and k in window else window.get(k, 0.0) + v
         if p.ema > 0:
             box["ema"] = update_ema(box["ema"], m.actor, p.ema, world)
+        rollout.refresh()
         return True
 
     def log(step: int) -> dict[str, str]:
         record, rows, tokens = window_metrics(window, world, ptx=ptx_batches is not None)
         window.clear()
+        check_rollout_gap(record["ppo/rollout_logprob_gap"], p.max_rollout_logprob_gap, step)
         record["train/lr"] = m.actor.get_lr()[0]
         record.update(memory_metrics())
         state.samples_seen += int(rows)
