@@ -149,6 +149,7 @@ class TrainConfig:
     padding_mask: bool = False
     compile: bool = False  # torch.compile the trained models (DeepSpeed's engine.compile, dynamic shapes)
     resume: str = "auto"  # auto | never | a checkpoint directory
+    allow_changed_inputs: bool = False  # resume although a data or chat-template file changed in place (digests.py)
     peak_tflops: float = bounded(0.0, ge=0)  # per-device peak for MFU (MI250X GCD bf16: 191.5, H100 SXM bf16: 989); 0: off
     dist_timeout_minutes: float = bounded(30.0, gt=0)  # a collective stuck this long aborts the job instead of hanging it
 

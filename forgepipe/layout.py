@@ -6,6 +6,7 @@ the pre-launch checks and the pipeline look for. No imports: the checks stay fas
         checkpoints/step-N/     resumable state; loop_state.json marks a complete one
         forgepipe-run.json      written last: the stage finished (model dir, MLflow run id)
         config.yaml             the resolved config of the run
+        .forgepipe.lock         held (flock) by the run using the directory; see lock.py
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ CHECKPOINT_DIR = "checkpoints"
 LOOP_STATE = "loop_state.json"
 CONFIG_FILE = "config.yaml"
 PROFILE_FILE = "flops_profile.txt"
+LOCK_FILE = ".forgepipe.lock"
 
 
 def checkpoint_step(checkpoint: Path) -> int:

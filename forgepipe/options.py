@@ -83,6 +83,9 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--peak-tflops", "train.peak_tflops", "Per-device peak TFLOP/s for MFU (MI250X GCD bf16: 191.5)."),
     ("--dist-timeout-minutes", "train.dist_timeout_minutes", "A collective stuck this long aborts the job."),
     ("--resume", "train.resume", "auto (continue from the output dir's checkpoint), never, or a checkpoint dir."),
+    ("--allow-changed-inputs/--no-allow-changed-inputs", "train.allow_changed_inputs",
+     "Resume although a data file or the --chat-template file changed in place since the checkpoint (its "
+     "SHA-256 differs); without it such a resume is refused."),
     ("--overwrite/--no-overwrite", "overwrite",
      "Replace the outputs of an earlier run in --output-dir (removed first); without it a finished run is kept."),
     ("--tracking-uri", "tracking.uri", "MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)."),

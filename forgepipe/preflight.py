@@ -206,6 +206,7 @@ HONOURED_ON_RESUME = {
 }
 # Not part of what was trained: never compared.
 NOT_COMPARED = {"train.resume", "overwrite", "output_dir", "data.cache_dir", "tracking.run_name", "model.catalog",
+                "train.allow_changed_inputs",  # the inputs' contents are compared by digest (digests.py)
                 "tracking.uri", "tracking.experiment",  # a moved store is fine; the run must be in it (tracking.py)
                 "model.name_or_path", "ppo.reward_model", "ppo.critic_model", "data.sources", "dpo.ref_model"}
 
@@ -314,6 +315,12 @@ def check_resume_config(cfg: Config) -> None:
         return
     if isinstance(before, dict) and before.get("config"):
         resume_changes(before, cfg.flat(), world_size_from_env(), str(checkpoint))
+    if isinstance(before, dict) and before.get("inputs") and not cfg.train.allow_changed_inputs:
+        from forgepipe.digests import changed_inputs, changed_line
+
+        changes = changed_inputs(before["inputs"], cfg.flat())
+        if changes:
+            raise ForgeError(changed_line(changes, str(checkpoint)))
 
 
 # A stage re-run into the output directory of a run that finished, with nothing to add to it (the

@@ -66,6 +66,12 @@ class Store:
         if self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///"):]).is_file():
             # MLflow would create an empty store there; a wrong path should say so instead.
             raise ForgeError(f"no MLflow store at {self.uri[len('sqlite:///'):]}", key="tracking.uri")
+        if self.uri.startswith("sqlite:///"):
+            # MLflow turns an empty file or database into a store, and upgrades an old one, on opening.
+            db = Path(self.uri[len("sqlite:///"):])
+            problem = sqlite_store_problem(db)
+            if problem:
+                raise ForgeError(f"{db} {problem}; a read command leaves a store as it is", key="tracking.uri")
         self._runs: list | None = None
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
@@ -154,6 +160,45 @@ class Store:
                 if text:
                     out[Path(f.path).stem] = json.loads(text)
         return out
+
+
+def sqlite_store_problem(db: Path) -> str | None:
+    """Why an SQLite file cannot be read as an MLflow store without MLflow writing to it (it would
+    create the tables of an empty file or database, upgrade an old schema, add the default
+    experiment); None when it can. Read through a read-only connection."""
+    import sqlite3
+
+    try:
+        with open(db, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if not head:
+        return "is an empty file, not an MLflow store"
+    if head != b"SQLite format 3\x00":
+        return "is not an SQLite database"
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            default = "experiments" in tables and con.execute(
+                "SELECT 1 FROM experiments WHERE experiment_id = 0").fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return f"cannot be read as a database ({exc})"
+    if not {"experiments", "runs"} <= tables:
+        return "is an SQLite database but not an MLflow store (no experiments and runs tables)"
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.tracking.dbmodels import models  # noqa: F401  (registers the tables)
+
+    missing = sorted(set(Base.metadata.tables) - tables)
+    if missing:
+        return (f"was written by an older MLflow (no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                "tables), which opening it would upgrade; back it up and run `mlflow db upgrade` first")
+    if not default:
+        return "has no default experiment (id 0), which opening it would add"
+    return None
 
 
 def stage_of(run) -> str:
@@ -267,6 +312,8 @@ def zero_of(run) -> str:
 def list_runs(store: Store, *, experiment: str | None = None, stage: str | None = None,
               parent: str | None = None, limit: int = 50) -> str:
     """The table of `forgepipe runs list`, newest first."""
+    if limit < 0:
+        raise ForgeError(f"--limit: the number of runs shown, 0 for all; not {limit}")
     runs = store.runs()
     if experiment:
         ids = [i for i, name in store.experiments().items() if name == experiment]

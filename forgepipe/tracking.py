@@ -22,6 +22,13 @@ What the MLflow UI shows (its charts group metrics by the part of the name befor
 - the training data is an MLflow dataset input per split (the UI's Dataset column).
 - a pipeline's parent run carries the config shared by its stages, each child's key results as
   its own metrics and a link to each child (record_child).
+
+Many jobs, one store: a project's runs share one SQLite store (the default ./mlruns/mlflow.db in the
+project directory) in SQLite's rollback-journal mode, never WAL (whose shared-memory index is not
+shared between nodes on Lustre or NFS: a WAL store is refused, check_sqlite_store), on a filesystem
+whose locks hold across nodes (lock.flock_problem). A store that another writer holds locked (a
+backup, a migration, a slow filesystem, many jobs at once) is waited for, STORE_WAIT_S at most,
+rather than failing the run: the first open, and every write after it (MLflow's own wait is 5-20 s).
 """
 
 from __future__ import annotations
@@ -39,15 +46,70 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forgepipe.distributed import World
-
 if TYPE_CHECKING:
     from forgepipe.config import Config
+    from forgepipe.distributed import World  # not imported at run time: `forgepipe runs` needs no torch
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = "mlruns"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
+STORE_WAIT_ENV = "FORGEPIPE_STORE_WAIT_S"
+STORE_WAIT_S = 600.0  # how long a locked store is waited for before the run fails (STORE_WAIT_ENV)
+
+
+def store_wait_s() -> float:
+    try:
+        return float(os.environ.get(STORE_WAIT_ENV) or STORE_WAIT_S)
+    except ValueError:
+        return STORE_WAIT_S
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    """A store that another writer holds: SQLite's 'database is locked' (through SQLAlchemy and MLflow)."""
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def while_locked(fn, *args, **kwargs):
+    """fn(*args, **kwargs), called again while the store is locked by another writer (with a growing
+    pause, store_wait_s() in all); any other error, or the last one, is raised."""
+    import time
+
+    deadline, pause = time.monotonic() + store_wait_s(), 0.2
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_locked_error(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.debug("MLflow store locked by another writer; again in %.1f s", pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def check_sqlite_store(db: Path) -> None:
+    """A store in WAL mode is refused (its file header says so, bytes 18-19 = 2): WAL's shared-memory
+    index is per node, so two nodes writing one store on Lustre or NFS corrupt it."""
+    from forgepipe.errors import ForgeError
+
+    try:
+        with open(db, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return
+    if len(head) == 20 and head.startswith(b"SQLite format 3\x00") and 2 in (head[18], head[19]):
+        raise ForgeError(f"{db} is in SQLite's WAL journal mode, which is unsafe when jobs on several nodes "
+                         f"write it; switch it back first: sqlite3 {db} 'PRAGMA journal_mode=DELETE'",
+                         key="tracking.uri")
 
 
 def default_tracking_uri() -> str:
@@ -274,16 +336,38 @@ class Tracker:
         # already (with the same values, the run being deterministic), so they are not logged twice.
         self.skip_through_step = -1
         self.reopened_status: str | None = None  # the status of a run reopened for resuming
+        self.reopened_end_time: int | None = None  # and its end time (kept when an extension fails)
         self.stage: str | None = None  # prefixes the metric names (stage_metric_name)
         self.uri: str | None = None  # the store, absolute
+        self._held: list[tuple[str, tuple, dict]] | None = None  # writes held back (hold())
+
+    def hold(self) -> None:
+        """Hold back the run's params, tags and artifacts from here on (a reopened run, until training
+        continues: an extension that fails before leaves the run as it was); metrics are not held."""
+        self._held = []
+
+    def unhold(self) -> list[tuple[str, tuple, dict]]:
+        """Stop holding; the held writes, for replay()."""
+        held, self._held = self._held or [], None
+        return held
+
+    def replay(self, held: list[tuple[str, tuple, dict]]) -> None:
+        for name, args, kwargs in held:
+            getattr(self, name)(*args, **kwargs)
+
+    def _holding(self, name: str, *args, **kwargs) -> bool:
+        if self._held is None:
+            return False
+        self._held.append((name, args, kwargs))
+        return True
 
     @classmethod
     def for_stage(cls, cfg: Config, world: World, *, run_id: str | None = None,
-                  parent_run_id: str | None = None) -> Tracker:
-        """A stage's run: named by run_name_for, tagged by run_tags (or reopened for resuming)."""
+                  parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
+        """A stage's run: named by run_name_for, tagged by run_tags and `tags` (or reopened for resuming)."""
         return cls.start(world=world, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                          run_name=run_name_for(cfg, world), run_id=run_id, parent_run_id=parent_run_id,
-                         tags=run_tags(cfg))
+                         tags={**run_tags(cfg), **(tags or {})})
 
     @classmethod
     def start(
@@ -308,7 +392,9 @@ class Tracker:
         tracker.uri = uri
         mlflow.set_tracking_uri(uri)
         try:
-            return cls._open(tracker, uri, experiment, run_name, run_id, parent_run_id, tags, world)
+            if sqlite_path(uri) is not None:
+                check_sqlite_store(sqlite_path(uri))
+            return while_locked(cls._open, tracker, uri, experiment, run_name, run_id, parent_run_id, tags, world)
         except Exception as exc:
             from forgepipe.errors import ForgeError
 
@@ -331,12 +417,15 @@ class Tracker:
                 from mlflow.exceptions import MlflowException
 
                 try:
-                    tracker.reopened_status = client.get_run(run_id).info.status
-                except MlflowException:
+                    info = client.get_run(run_id).info
+                except MlflowException as exc:
+                    if is_locked_error(exc):
+                        raise
                     from forgepipe.errors import ForgeError
 
                     raise ForgeError(f"the run being resumed ({run_id}) is not in {uri}; "
                                      "give the store it was started in", key="tracking.uri") from None
+                tracker.reopened_status, tracker.reopened_end_time = info.status, info.end_time
                 client.update_run(run_id, status="RUNNING")
                 tracker.run_id = run_id
                 tracker.skip_through_step = tracker.last_logged_step()
@@ -348,8 +437,9 @@ class Tracker:
         all_tags = {**environment_tags(world), "tracking_uri": uri, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        tracker.run_id = run.info.run_id
+        if tracker.run_id is None:  # not created yet by an attempt that met a locked store
+            run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+            tracker.run_id = run.info.run_id
         return tracker
 
     # Each method below is a no-op when disabled.
@@ -357,21 +447,28 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._holding("log_params", params):
+            return
         from mlflow.entities import Param
 
         # MLflow params are write-once: a resumed run keeps the values it started with (a
-        # changed one, e.g. a longer --max-steps, is recorded as a tag instead).
-        existing = self.client.get_run(self.run_id).data.params
+        # changed one, e.g. a longer --max-steps, is recorded as a tag `resumed.<key>` instead, and
+        # that tag goes again when a later resume sets the value back).
+        data = while_locked(self.client.get_run, self.run_id).data
+        existing, tags = data.params, data.tags
         items = []
         for k, v in params.items():
             value = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
             if k not in existing:
                 items.append(Param(k, value))
             elif existing[k] != value[:MAX_PARAM_LENGTH]:
-                self.client.set_tag(self.run_id, f"resumed.{k}", value[:MAX_PARAM_LENGTH])
+                if tags.get(f"resumed.{k}") != value[:MAX_PARAM_LENGTH]:
+                    while_locked(self.client.set_tag, self.run_id, f"resumed.{k}", value[:MAX_PARAM_LENGTH])
+            elif f"resumed.{k}" in tags:
+                while_locked(self.client.delete_tag, self.run_id, f"resumed.{k}")
         items = [Param(p.key, p.value[:MAX_PARAM_LENGTH]) for p in items]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            while_locked(self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def last_logged_step(self) -> int:
         """The highest step of any metric of the run (-1 when none)."""
@@ -388,7 +485,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         batch = [Metric(stage_metric_name(self.stage, k), float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        while_locked(self.client.log_batch, self.run_id, metrics=batch)
 
     def log_datasets(self, sources: list[str], splits: dict[str, Any]) -> None:
         """The data the run trained on as MLflow dataset inputs, one per split (context `training`,
@@ -396,6 +493,8 @@ class Tracker:
         names), digest = dataset_digest of the split, profile = the rows of every split. The UI's
         Dataset column then says what each run read."""
         if not self.enabled:
+            return
+        if self._holding("log_datasets", sources, splits):
             return
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -422,6 +521,8 @@ class Tracker:
         its id, and `child.<stage>.url`, the UI's address of it relative to the server)."""
         if not self.enabled or not child_run_id:
             return
+        if self._holding("record_child", stage, child_run_id):
+            return
         child = self.client.get_run(child_run_id)
         metrics = {}
         for child_stage, candidates, parent_key in CHILD_RESULTS:
@@ -441,26 +542,47 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._holding("set_tags", tags):
+            return
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            while_locked(self.client.set_tag, self.run_id, k, str(v))
+
+    def delete_tags(self, keys) -> None:
+        """Remove the run's tags of these names (those it has)."""
+        if not self.enabled:
+            return
+        if self._holding("delete_tags", keys):
+            return
+        present = while_locked(self.client.get_run, self.run_id).data.tags
+        for key in keys:
+            if key in present:
+                while_locked(self.client.delete_tag, self.run_id, key)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         if not self.enabled:
+            return
+        if self._holding("log_dict", data, artifact_file):
             return
         self.client.log_dict(self.run_id, data, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if not self.enabled:
             return
+        if self._holding("log_text", text, artifact_file):
+            return
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         if not self.enabled:
             return
+        if self._holding("log_artifacts", local_dir, artifact_path):
+            return
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def log_artifacts_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.enabled:
+            return
+        if self._holding("log_artifacts_file", path, artifact_path):
             return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -480,11 +602,12 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled or self.run_id is None:
             return
+        end_time = None
         if status != "FINISHED" and self.reopened_status == "FINISHED":
-            # A failed or stopped attempt to extend a finished run: the run stays what it was.
-            self.client.set_tag(self.run_id, "forgepipe.last_resume", status)
-            status = "FINISHED"
-        self.client.set_terminated(self.run_id, status=status)
+            # A failed or stopped attempt to extend a finished run: the run stays what it was, its end time too.
+            while_locked(self.client.set_tag, self.run_id, "forgepipe.last_resume", status)
+            status, end_time = "FINISHED", self.reopened_end_time
+        while_locked(self.client.set_terminated, self.run_id, status=status, end_time=end_time)
 
     def discard(self) -> None:
         """Delete a run created by this process that never trained (bad input found after start)."""
@@ -492,6 +615,39 @@ class Tracker:
             return
         with contextlib.suppress(Exception):
             self.client.delete_run(self.run_id)
+
+
+def close_abandoned(record: dict[str, Any] | None, directory: str | Path) -> str | None:
+    """The MLflow run a process that died in `directory` left RUNNING (named by the record it left in
+    the directory's lock file, lock.OutputLock.stale), marked KILLED with a tag saying how it was
+    found; returns its id when it did so. A run that ended, or a store that cannot be reached, is
+    left as it is (a warning)."""
+    if not record or not record.get("run_id") or not record.get("tracking_uri"):
+        return None
+    run_id, uri = record["run_id"], record["tracking_uri"]
+    try:
+        from mlflow.tracking import MlflowClient
+
+        if sqlite_path(uri) is not None and not sqlite_path(uri).is_file():
+            return None
+        client = MlflowClient(tracking_uri=uri)
+        if while_locked(client.get_run, run_id).info.status != "RUNNING":
+            return None
+        import time
+
+        from forgepipe.lock import holder_words
+
+        while_locked(client.set_tag, run_id, "forgepipe.ended",
+                     f"killed: its process ({holder_words(record)}) died without ending the run; found by the "
+                     f"next start in {directory} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        while_locked(client.set_terminated, run_id, status="KILLED")
+    except Exception as exc:  # noqa: BLE001 - a record to tidy, never a reason to fail this run
+        log.warning("could not mark MLflow run %s (left RUNNING by a process that died) as KILLED: %s", run_id,
+                    (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+        return None
+    log.warning("MLflow run %s was left RUNNING by a process that died in %s (%s): marked KILLED", run_id,
+                directory, holder_words(record))
+    return run_id
 
 
 @contextlib.contextmanager

@@ -120,7 +120,7 @@ def test_a_missing_store_is_one_error_not_a_new_empty_store(tmp_path):
         Store(f"sqlite:///{tmp_path}/none/mlflow.db")
     assert not (tmp_path / "none").exists()
     (tmp_path / "junk.db").write_text("not a database")
-    with pytest.raises(ForgeError, match=rf"--tracking-uri: sqlite:///{tmp_path}/junk.db: "):
+    with pytest.raises(ForgeError, match=rf"--tracking-uri: {tmp_path}/junk.db is not an SQLite database"):
         Store(f"sqlite:///{tmp_path}/junk.db").runs()
 
 
@@ -299,3 +299,37 @@ def test_the_summary_a_stage_prints_at_its_end(store):
     assert lines[-1] == f"  run:   forgepipe runs show {ids[2][:8]} --tracking-uri {st.uri}"
     text = pipeline_summary(st.uri, ids["parent"])
     assert text.startswith(f"pipeline run {ids['parent']} ") and ids["reward"][:8] in text
+
+
+def test_runs_list_refuses_a_negative_limit(store):
+    st, _ = store
+    result = CliRunner().invoke(runs_group, ["list", "--limit", "-1", "--tracking-uri", st.uri])
+    assert result.exit_code == 2
+    assert result.output.strip() == "forgepipe: error: --limit: the number of runs shown, 0 for all; not -1"
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "is an empty file, not an MLflow store"),
+    (b"not a database at all", "is not an SQLite database"),
+    ("sqlite", "is an SQLite database but not an MLflow store (no experiments and runs tables)"),
+])
+def test_read_commands_never_turn_a_file_into_a_store(tmp_path, content, problem):
+    """MLflow creates its tables in an empty file or database it is pointed at: `runs list` on a
+    zero-byte file used to make it an MLflow store. It is checked before MLflow opens it."""
+    import hashlib
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    if content == "sqlite":
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE notes (x)")
+    else:
+        db.write_bytes(content)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    for command in (["list"], ["show", "abcd"], ["compare", "abcd", "ef01"]):
+        result = CliRunner().invoke(runs_group, [*command, "--tracking-uri", f"sqlite:///{db}"])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == f"forgepipe: error: --tracking-uri: {db} {problem}; a read command leaves " \
+                                         "a store as it is"
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]

@@ -132,3 +132,94 @@ def test_a_pipeline_parent_carries_the_config_and_each_childs_results(store_uri,
     assert run.data.tags["child.sft"] == child.run_id
     assert run.data.tags["child.sft.url"] == f"#/experiments/{run.info.experiment_id}/runs/{child.run_id}"
     assert run.data.params["deepspeed.zero_stage"] == "2"
+
+
+# ---------------------------------------------------------------------------
+# Many jobs, one store (issue 22 item 9): SQLite in rollback-journal mode, a locked store waited for
+
+WRITER = r"""
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import forgepipe.tracking
+from forgepipe.tracking import Tracker
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # imported before the start line
+forgepipe.tracking.environment_tags = lambda world: {}  # small processes: no torch, DeepSpeed, transformers
+World = lambda: SimpleNamespace(is_main=True)
+uri, go, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+print("READY", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+tracker = Tracker.start(world=World(), uri=uri, experiment="many", run_name=name, tags={"stage": "sft"})
+tracker.log_params({"writer": name, "train.lr": 1e-5})
+for step in range(1, 21):
+    tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+tracker.set_tags({"model_dir": f"/out/{name}/model"})
+tracker.finish()
+"""
+
+
+def test_concurrent_writers_share_one_store_while_another_writer_holds_it(tmp_path):
+    """Three jobs start and log into one SQLite store while a fourth process holds it locked for 6.5 s
+    (a backup, a migration, a slow filesystem): every run lands whole. MLflow alone gives up after
+    5 s on opening ('database is locked') and the run failed at its start; forgepipe waits
+    (FORGEPIPE_STORE_WAIT_S). The store stays in rollback-journal mode, and intact."""
+    import sqlite3
+
+    import mlflow
+
+    db, go = tmp_path / "mlruns" / "mlflow.db", tmp_path / "go"
+    uri = f"sqlite:///{db}"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(go), f"w{i}"], env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    Tracker.start(world=World(), uri=uri, experiment="many", run_name="first").finish()  # the store exists
+    for p in procs:
+        assert any(line.startswith("READY") for line in p.stdout), p.stderr.read()[-2000:]
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    go.touch()
+    time.sleep(6.5)
+    holder.execute("COMMIT")
+    holder.close()
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), [err[-1500:] for code, err in results if code]
+    client = mlflow.MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("many").experiment_id])}
+    assert sorted(runs) == ["first", "w0", "w1", "w2"]
+    for name in ("w0", "w1", "w2"):
+        run = runs[name]
+        assert run.info.status == "FINISHED" and run.data.params["writer"] == name
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "sft/loss")] == list(range(1, 21))
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_store_in_wal_mode_is_refused_in_one_line(tmp_path):
+    import sqlite3
+
+    from forgepipe.errors import ForgeError
+
+    db = tmp_path / "mlflow.db"
+    Tracker.start(world=World(), uri=f"sqlite:///{db}", experiment="e", run_name="r").finish()
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+    with pytest.raises(ForgeError) as refused:
+        Tracker.start(world=World(), uri=f"sqlite:///{db}", experiment="e", run_name="r")
+    assert str(refused.value) == (f"--tracking-uri: {db} is in SQLite's WAL journal mode, which is unsafe when jobs "
+                                  f"on several nodes write it; switch it back first: sqlite3 {db} "
+                                  "'PRAGMA journal_mode=DELETE'")
+
+
+def test_a_resumed_tag_goes_when_a_later_resume_sets_the_value_back(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = Tracker.start(world=World(), uri=uri, experiment="e", run_name="r")
+    run.log_params({"train.lr": 1e-5, "train.max_steps": 6})
+    run.finish()
+    again = Tracker.start(world=World(), uri=uri, experiment="e", run_name="r", run_id=run.run_id)
+    again.log_params({"train.lr": 2e-5, "train.max_steps": 8})
+    assert {k: v for k, v in again.client.get_run(run.run_id).data.tags.items() if k.startswith("resumed.")} == \
+        {"resumed.train.lr": "2e-05", "resumed.train.max_steps": "8"}
+    again.log_params({"train.lr": 1e-5, "train.max_steps": 10})
+    assert {k: v for k, v in again.client.get_run(run.run_id).data.tags.items() if k.startswith("resumed.")} == \
+        {"resumed.train.max_steps": "10"}

@@ -11,11 +11,16 @@ A recipe reads:
 
 Leaving the context closes the run record with the run's status; a stage that failed on bad input
 before training leaves nothing behind (no output directory, no MLflow run).
+
+For the life of the context rank 0 holds the output directory's lock (lock.py): a second run into
+the same directory is refused in one line naming the first, and a run that died there without
+ending its MLflow run (kill -9, a lost node) has that run marked KILLED by the next start.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -28,9 +33,11 @@ from forgepipe.data.ledger import stage_line
 from forgepipe.deepspeed_config import validate_launch
 from forgepipe.errors import ForgeError
 from forgepipe.layout import CHECKPOINT_DIR, CONFIG_FILE, MODEL_SUBDIR, PROFILE_FILE, RUN_FILE
+from forgepipe.lock import NO_LOCK_ENV, OutputLock, check_locking, holder_record
 from forgepipe.preflight import check_output_dir, earlier_run, resolve_zero_stage
 from forgepipe.signals import STOP, Preempted, StartupStop, StopRequest
 from forgepipe.stages.record import RunRecord, check_resume
+from forgepipe.tracking import close_abandoned, resolve_tracking_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class StageContext:
         self.cache_dir = cfg.data.cache_dir or str(self.output_dir / ".cache")
         self.world = dist.World()
         self.record: RunRecord | None = None
+        self.lock: OutputLock | None = None  # the output directory's, on rank 0
         self._created_output = self._created_cache = self._owns_process_group = False
 
     def __enter__(self) -> StageContext:
@@ -57,9 +65,42 @@ class StageContext:
         self._created_cache = not Path(self.cache_dir).exists()
         self._owns_process_group = not dist.is_initialized()  # a pipeline keeps one for all stages
         dist.init_distributed(self.world, timeout_minutes=self.cfg.train.dist_timeout_minutes)
-        resolve_zero_stage(self.cfg, self.world)  # --zero-stage auto, before any DeepSpeed JSON is built
+        try:
+            self._lock_output_dir()
+            resolve_zero_stage(self.cfg, self.world)  # --zero-stage auto, before any DeepSpeed JSON is built
+        except BaseException:
+            self._release_lock()
+            if self._created_output and self.world.is_main:
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            if self._owns_process_group:
+                dist.teardown()
+            raise
         torch.manual_seed(self.cfg.train.seed)
         return self
+
+    def _lock_output_dir(self) -> None:
+        """Rank 0 checks that file locks hold in the output and store directories and takes the output
+        directory's lock; a refusal (one line naming the run holding it) reaches every rank. Collective.
+        A run that died here and left its MLflow run RUNNING has it marked KILLED."""
+        dist.barrier()  # every rank is past the pre-launch checks: the lock below is this launch's own
+        refusal = None
+        if self.world.is_main:
+            try:
+                check_locking(self.output_dir, sqlite_path(resolve_tracking_uri(self.cfg.tracking.uri)))
+                if os.environ.get(NO_LOCK_ENV) != "1":
+                    self.lock = OutputLock.acquire(self.output_dir, holder_record(self.cfg.stage))
+            except ForgeError as exc:
+                refusal = str(exc)
+        refusal = dist.broadcast_object(refusal)
+        if refusal:
+            raise ForgeError(refusal)
+        if self.lock is not None and self.lock.stale:
+            close_abandoned(self.lock.stale, self.output_dir)
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def find_resume(self) -> Path | None:
         mode = self.cfg.train.resume
@@ -80,8 +121,8 @@ class StageContext:
         dist.barrier()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.record = RunRecord.open(self.cfg, self.world, models, resumed, self.parent_run_id, ds_configs)
-        if self.world.is_main:
-            (self.output_dir / CONFIG_FILE).write_text(self.cfg.to_yaml())
+        if self.lock is not None:  # a process that dies from here on leaves its run to be marked KILLED
+            self.lock.update(run_id=self.record.tracker.run_id, tracking_uri=self.record.tracker.uri)
         return self.record
 
     def _remove_earlier_outputs(self) -> None:
@@ -118,5 +159,8 @@ class StageContext:
                 shutil.rmtree(self.output_dir, ignore_errors=True)
             elif self._created_cache:
                 shutil.rmtree(self.cache_dir, ignore_errors=True)
-        if self._owns_process_group:
-            dist.teardown()
+        try:
+            if self._owns_process_group:
+                dist.teardown()
+        finally:
+            self._release_lock()

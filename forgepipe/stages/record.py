@@ -4,6 +4,12 @@ restored from a checkpoint, and the result the stage hands on.
 `StageContext.begin()` opens it once the data is known; the recipe then builds its engines
 through it (`build_engine`), restores them (`resume`), trains, and closes it with `finish()`,
 which returns the StageResult.
+
+A resume of this directory's own checkpoint reopens its MLflow run, but writes nothing to it or to
+config.yaml until training continues (`resume()` succeeded): an extension that fails before that
+(a model that does not load, an engine that does not fit) leaves the finished run's config.yaml,
+params and tags as they were. A checkpoint of another directory (`--resume OTHER/checkpoints/step-N`)
+starts a new MLflow run, tagged with where it came from: the other directory's run is not its own.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import torch
 from forgepipe import distributed as dist
 from forgepipe.checkpoint import load_checkpoint, read_loop_state
 from forgepipe.config import Config
+from forgepipe.digests import changed_inputs, changed_line, input_digests
 from forgepipe.engine import initialize, zero3_loading
 from forgepipe.errors import ForgeError
-from forgepipe.layout import PROFILE_FILE, RUN_FILE, StageResult
+from forgepipe.layout import CONFIG_FILE, PROFILE_FILE, RUN_FILE, StageResult
 from forgepipe.loop import LoopState
 from forgepipe.options import label
 from forgepipe.preflight import resume_changes
@@ -49,6 +56,14 @@ class Resumed:
     step: int
     honoured: dict[str, tuple]
     old_config: dict[str, Any]  # the checkpoint's flattened config
+    own: bool = True  # a checkpoint of this output directory: its MLflow run continues
+    old_inputs: dict[str, Any] | None = None  # the checkpoint's input digests (digests.py)
+    changed_inputs: tuple[str, ...] = ()  # inputs changed in place, resumed on with --allow-changed-inputs
+
+    @property
+    def continued_run_id(self) -> str | None:
+        """The MLflow run this run continues: the checkpoint's, when it is this directory's own."""
+        return self.run_id if self.own else None
 
     @property
     def old_world(self) -> int | None:
@@ -68,7 +83,15 @@ def check_resume(cfg: Config, world: dist.World, models: dict[str, str], checkpo
             raise ForgeError(f"{checkpoint} was written with {key}={before.get(key)!r}, this run has {value!r}; "
                              f"use a new {label('output_dir')} or {label('overwrite')}", key="train.resume")
     honoured = resume_changes(before, cfg.flat(), world.world_size, str(checkpoint)) if before.get("config") else {}
-    return Resumed(checkpoint, previous.get("run_id"), previous.get("step", 0), honoured, before.get("config") or {})
+    changes = changed_inputs(before.get("inputs"), cfg.flat())
+    if changes and not cfg.train.allow_changed_inputs:
+        raise ForgeError(changed_line(changes, str(checkpoint)))
+    for path, key, old, new in changes:
+        log.warning("resume: %s %s changed since %s was written (sha256 %s then, %s now): resuming on its new "
+                    "contents (%s)", label(key), path, checkpoint, old[:12], new[:12], label("train.allow_changed_inputs"))
+    own = Path(checkpoint).resolve().parent.parent == Path(cfg.output_dir).resolve()
+    return Resumed(checkpoint, previous.get("run_id"), previous.get("step", 0), honoured, before.get("config") or {},
+                   own=own, old_inputs=before.get("inputs"), changed_inputs=tuple(c[0] for c in changes))
 
 
 class RunRecord:
@@ -80,6 +103,7 @@ class RunRecord:
         self.resumed = resumed
         self.stop = stop
         self.training = False  # set by resume(): from then on a failure is a failed run, not bad input
+        self._pending: dict[str, dict] | None = None  # a reopened run's record, written once training continues
 
     @property
     def resume_from(self) -> Path | None:
@@ -88,25 +112,48 @@ class RunRecord:
     @classmethod
     def open(cls, cfg: Config, world: dist.World, models: dict[str, str], resumed: Resumed | None,
              parent_run_id: str | None, ds_configs: dict[str, dict]) -> RunRecord:
-        """Start the MLflow run (or reopen the resumed one) and log what the run is."""
+        """Start the MLflow run (or reopen the resumed one) and log what the run is; a reopened run's
+        record is written once training continues (resume())."""
         flat = cfg.flat()
-        tracker = Tracker.for_stage(cfg, world, run_id=resumed.run_id if resumed else None,
-                                    parent_run_id=parent_run_id)
-        state = LoopState(fingerprint={**identity(cfg, world, models), "config": flat},
+        continued = resumed.continued_run_id if resumed else None
+        tags = {} if resumed is None or resumed.own else {
+            "resumed_from": str(Path(resumed.checkpoint).resolve()), "resumed_from_run": str(resumed.run_id)}
+        tracker = Tracker.for_stage(cfg, world, run_id=continued, parent_run_id=parent_run_id, tags=tags)
+        inputs = dist.broadcast_object(input_digests(flat, resumed.old_inputs if resumed else None)
+                                       if world.is_main else None)
+        state = LoopState(fingerprint={**identity(cfg, world, models), "config": flat, "inputs": inputs},
                           run_id=dist.broadcast_object(tracker.run_id))
-        tracker.log_params(flat)  # on a resumed run, changed values become resumed.* tags
         if resumed and resumed.honoured:
             for key, (old, new) in resumed.honoured.items():
                 log.warning("resume: %s changed from %r to %r: honoured (LR schedule recomputed from step %d)",
                             label(key), old, new, resumed.step)
-            tracker.set_tags({"resumed.changed": ", ".join(sorted(resumed.honoured))})
+        record = cls(cfg, world, tracker, state, resumed)
+        if continued is None:
+            record._write_record(ds_configs)  # a new run: recorded now (discarded if it fails on bad input)
+        else:
+            record._pending = ds_configs
+            tracker.hold()  # the stage's own params and tags too, until training continues
+        return record
+
+    def _write_record(self, ds_configs: dict[str, dict]) -> None:
+        """The run's params (a resumed run's changed values as resumed.* tags), what a resume changed,
+        its config.yaml (in MLflow for a new run, in the output directory), its DeepSpeed JSON."""
+        cfg, tracker, resumed = self.cfg, self.tracker, self.resumed
+        tracker.log_params(cfg.flat())
+        if resumed is not None:
+            changed = {"resumed.changed": ", ".join(sorted(resumed.honoured)),
+                       "resumed.changed_inputs": ", ".join(resumed.changed_inputs)}
+            tracker.set_tags({k: v for k, v in changed.items() if v})
+            tracker.delete_tags([k for k, v in changed.items() if not v])  # a later resume changed nothing
         log_dropped_rows(cfg, tracker)
-        if resumed is None or resumed.run_id is None:
+        if self.resumed is None or self.resumed.continued_run_id is None:
             for name, ds_json in ds_configs.items():
                 tracker.log_dict(ds_json, f"deepspeed/{name}.json")
             tracker.log_text(cfg.to_yaml(), "config.yaml")
             tracker.log_environment()
-        return cls(cfg, world, tracker, state, resumed)
+        if self.world.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / CONFIG_FILE).write_text(cfg.to_yaml())
 
     def build_engine(self, ds_json: dict, build_model, *, total_steps: int | None = None):
         """A DeepSpeed engine around `build_model()`, loaded straight into ZeRO-3 partitions at
@@ -152,6 +199,11 @@ class RunRecord:
         engine_dir = universal_checkpoint(self.resume_from, sorted(engines), old_world) if old_world else None
         loaded = LoopState.from_dict(load_checkpoint(engines, self.resume_from, engine_dir=engine_dir))
         loaded.fingerprint, loaded.run_id = self.state.fingerprint, self.state.run_id
+        if self._pending is not None:  # training continues: now the reopened run's record is written
+            held = self.tracker.unhold()
+            self._write_record(self._pending)
+            self.tracker.replay(held)
+            self._pending = None
         if old_world:
             for engine in engines.values():
                 unshare_optimizer_steps(engine)
