@@ -97,7 +97,7 @@ class RolloutEngine:
         if call is None:
             call, self.calls = self.calls, self.calls + 1
         generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed * 1_000_003 + call)
+        generator.manual_seed((self.seed * 1_000_003 + call) % 2**63)
         return generator
 
     def _all_finished(self, finished: torch.Tensor) -> bool:

@@ -142,21 +142,17 @@ def generation_context(actor, gather: bool):
 def generate(actor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, eos_token_id: int,
              pad_token_id: int, max_new_tokens: int, temperature: float, top_p: float,
              synced_gpus: bool = False, gather: bool = False, greedy: bool = False) -> torch.Tensor:
-    """[B, P + R] prompt + sampled (or, with `greedy`, greedy) response (R <= max_new_tokens;
-    finished rows padded).
+    """[B, P + R] prompt + sampled (or, with `greedy`, greedy) response (R <= max_new_tokens; finished
+    rows padded), through the rollout engine (rollout.py), for the callers that want sequences only:
+    evaluation tables, SFT/DPO generations, chat. A sampled call takes its seed from torch's global
+    stream, so a caller that seeds it (evaluation, under fork_rng) gets the same answers every time."""
+    from forgepipe.rollout import RolloutEngine, SamplingSettings
 
-    top_k is switched off (transformers' default is 50): the PPO ratio assumes the tokens were
-    sampled from the actor's own distribution (temperature and top_p are the user's choice).
-    """
-    from forgepipe.generation import sampling_settings
-
-    # A compiled model (--compile) decodes eagerly: one token at a time, the shapes change every call.
-    with generation_context(actor, gather) as module, torch.compiler.set_stance("force_eager"):
-        return module.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **sampling_settings(greedy, temperature, top_p),
-            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, synced_gpus=synced_gpus and not gather, use_cache=True,
-        )
+    seed = 0 if greedy else int(torch.randint(0, 2**31, (1,)))
+    engine = RolloutEngine(actor, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, gather=gather,
+                           synced=synced_gpus and not gather)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy)
+    return engine.generate(input_ids, attention_mask, settings, call=0).sequences
 
 
 # ---------------------------------------------------------------------------
