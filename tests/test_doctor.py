@@ -49,7 +49,9 @@ def test_what_is_meant_but_missing_fails_in_one_line(bare_env, monkeypatch, tmp_
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("forgepipe doctor: ") and "problem(s)" in line
     assert f"NCCL_NET_PLUGIN={tmp_path / 'librccl-net.so'}) does not load" in line
-    assert "sees no GPU" in line
+    import torch
+
+    assert ("sees no GPU" in line) == (not torch.cuda.is_available())  # the image's own test may run on a GPU host
 
 
 def test_library_origin_from_the_mount_table():
