@@ -280,11 +280,13 @@ def rollout_table(shape: dict, batches: tuple[int, ...], prompt_len: int, new_to
         variants = {"transformers generate (PPO before)": lambda ids=ids, mask=mask: model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             eos_token_id=eos, pad_token_id=0)}
-        for every in (1, 8):
-            engine = RolloutEngine(model, eos_token_id=eos, pad_token_id=0)
-            variants[f"rollout engine, check every {every}"] = lambda engine=engine, ids=ids, mask=mask, every=every: \
+        for every, cache, compiled in ((1, "dynamic", False), (8, "dynamic", False), (8, "static", False),
+                                       (8, "static", True)):
+            engine = RolloutEngine(model, eos_token_id=eos, pad_token_id=0, cache=cache, compile_decode=compiled)
+            name = f"rollout engine, check every {every}, {cache} cache{', compiled step' if compiled else ''}"
+            variants[name] = lambda engine=engine, ids=ids, mask=mask, every=every: \
                 engine.generate(ids, mask, SamplingSettings(max_new_tokens=new_tokens, check_every=every))
-        for name, fn in variants.items():
+        for name, fn in variants.items():  # the compiled step's warm-up call pays its compilation
             seconds = timed(fn, device, 1, 3 if device == "cuda" else 1)
             out.append({"rollout": name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                         "tokens_per_s": batch * new_tokens / seconds, "ms_per_token": seconds / new_tokens * 1e3})

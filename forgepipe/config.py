@@ -235,6 +235,10 @@ class PPOConfig:
     # response token on average (a sampler with other weights or a broken cache silently biases PPO)
     max_rollout_logprob_gap: float = bounded(0.5, gt=0)
     rollout_check_every: int = bounded(8, ge=1)  # generated tokens between the host's "all ended?" checks
+    # dynamic: the KV cache grows a token at a time; static: allocated once per call (prompt + max_new_tokens),
+    # every decode step one shape, which rollout_compile can capture as a CUDA/HIP graph
+    rollout_cache: Literal["dynamic", "static"] = "dynamic"
+    rollout_compile: bool = False  # torch.compile (reduce-overhead) the decode step; needs rollout_cache static, a GPU
 
 
 @dataclass
@@ -486,6 +490,9 @@ def validate(cfg: Config) -> None:
                              f"({p.max_new_tokens}) exceeds {label('data.max_seq_len')} ({d.max_seq_len})")
         if p.ptx_coef > 0 and not d.unsupervised_sources:
             raise ForgeError(f"needs {label('data.unsupervised_sources')}", key="ppo.ptx_coef")
+        if p.rollout_compile and p.rollout_cache != "static":
+            raise ForgeError(f"needs {label('ppo.rollout_cache')} static (a decode step of one shape)",
+                             key="ppo.rollout_compile")
     if cfg.stage == "dpo":
         validate_dpo(cfg.dpo)
     validate_token_budget(cfg)

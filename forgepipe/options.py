@@ -111,6 +111,11 @@ PPO_OPTIONS: list[tuple[str, str, str]] = [
     ("--max-rollout-logprob-gap", "ppo.max_rollout_logprob_gap",
      "Stop when the sampler's log-probs drift from the training forward's by more than this (nats per token, "
      "mean over a log window; logged as ppo/rollout_logprob_gap)."),
+    ("--rollout-cache", "ppo.rollout_cache",
+     "The sampler's KV cache: dynamic (grows a token at a time) or static (allocated once per generation call "
+     "for prompt + --max-new-tokens; every decode step one shape)."),
+    ("--rollout-compile/--no-rollout-compile", "ppo.rollout_compile",
+     "torch.compile the decode step (reduce-overhead: CUDA/HIP graphs); needs --rollout-cache static and a GPU."),
     ("--rollout-check-every", "ppo.rollout_check_every",
      "Generated tokens between the checks whether every response has ended (each check is a host sync)."),
     ("--ppo-epochs", "ppo.ppo_epochs", "PPO passes over each experience batch."),

@@ -83,10 +83,18 @@ class RolloutEngine:
     an external server would sync here)."""
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, seed: int = 0,
-                 gather: bool = False, synced: bool = False):
+                 gather: bool = False, synced: bool = False, cache: str = "dynamic", compile_decode: bool = False):
         self.model, self.eos, self.pad = model, eos_token_id, pad_token_id
         self.gather, self.synced = gather, synced
         self.seed, self.calls = seed, 0
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"cache {cache!r}: dynamic or static")
+        # static: the KV cache allocated once per call at prompt + max_new_tokens, and every decode step's
+        # inputs of one shape, so that compile_decode can capture the step (CUDA/HIP graphs through
+        # torch.compile's reduce-overhead mode) instead of launching each layer's kernels from Python.
+        self.cache, self.compile_decode = cache, compile_decode and cache == "static"
+        self._compiled: dict[int, object] = {}
+        self.cache_bytes = 0  # the KV cache of the last call (logged by the stage)
 
     def refresh(self) -> None:
         """After an optimizer step: nothing to do, the loop decodes with the trained weights themselves."""
@@ -115,16 +123,36 @@ class RolloutEngine:
         with generation_context(self.model, self.gather) as module, torch.compiler.set_stance("force_eager"):
             return self._decode(module, input_ids, attention_mask.long(), s, generator)
 
+    def _step_fn(self, module):
+        """The decode step: the module's forward, compiled once per module when asked and possible."""
+        if not self.compile_decode:
+            return module
+        key = id(module)
+        if key not in self._compiled:  # graphs on a GPU (ROCm's torch answers cuda too); plain inductor elsewhere
+            mode = "reduce-overhead" if torch.cuda.is_available() else None
+            self._compiled[key] = torch.compile(module, mode=mode, fullgraph=False, dynamic=False)
+        return self._compiled[key]
+
     def _decode(self, module, input_ids: torch.Tensor, mask: torch.Tensor, s: SamplingSettings,
                 generator: torch.Generator | None) -> Rollout:
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         device, batch, prompt_len = input_ids.device, input_ids.shape[0], input_ids.shape[1]
-        cache = DynamicCache(config=module.config)
-        positions = position_ids_from_mask(mask)
-        out = module(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True, logits_to_keep=1)
+        static = self.cache == "static"
+        total = prompt_len + s.max_new_tokens
+        if static:  # one shape for every step: the whole cache's mask (the causal mask hides unwritten slots)
+            cache = StaticCache(config=module.config, max_cache_len=total)
+            mask = torch.cat([mask, mask.new_ones(batch, s.max_new_tokens)], dim=1)
+            prefill_mask = mask
+        else:
+            cache, prefill_mask = DynamicCache(config=module.config), mask
+        positions = position_ids_from_mask(mask[:, :prompt_len])
+        extra = {"cache_position": torch.arange(prompt_len, device=device)} if static else {}
+        out = module(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True, logits_to_keep=1, **extra)
+        step_fn = self._step_fn(module)
         next_position = positions[:, -1:] + 1
+        cache_position = torch.full((1,), prompt_len, device=device, dtype=torch.long)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens, logprobs = [], []
         for step in range(s.max_new_tokens):
@@ -136,10 +164,21 @@ class RolloutEngine:
             last = step + 1 == s.max_new_tokens
             if last or ((step + 1) % s.check_every == 0 and self._all_finished(finished)):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = module(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                         past_key_values=cache, use_cache=True)
+            if static:
+                # generate() runs under the force_eager stance (a --compile'd model decodes eagerly); the
+                # decode step compiled here for its one shape is the exception
+                with torch.compiler.set_stance("default" if self.compile_decode else "force_eager"):
+                    out = step_fn(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                                  past_key_values=cache, use_cache=True, cache_position=cache_position)
+                cache_position = cache_position + 1
+            else:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = step_fn(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                              past_key_values=cache, use_cache=True)
             next_position = next_position + 1
+        self.cache_bytes = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+                               for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                               if torch.is_tensor(t))
         response = torch.stack(tokens, dim=1)
         actions = response_mask(response, self.eos)
         return Rollout(sequences=torch.cat([input_ids, response], dim=1),

@@ -124,3 +124,43 @@ def test_the_gap_is_logged_per_token_and_a_drifting_sampler_stops_the_run():
     with pytest.raises(ForgeError, match=r"^the sampler's log-probs differ from the training forward's by 0.6 nats "
                                          r"per token in the steps up to 3, more than --max-rollout-logprob-gap 0.5"):
         check_rollout_gap(0.6, 0.5, step=3)
+
+
+@pytest.mark.parametrize("build", [neox, llama], ids=["gpt-neox", "llama"])
+def test_the_static_cache_decodes_what_the_dynamic_one_does(build):
+    """--rollout-cache static: one shape for every decode step (what a captured graph needs), the same tokens."""
+    model = build().eval()
+    ids, mask = prompts()
+    expected = hf_generate(model, ids, mask, eos=60, n=7)
+    dynamic, static = (RolloutEngine(model, eos_token_id=60, pad_token_id=PAD, seed=2, cache=c) for c in ("dynamic", "static"))
+    greedy = SamplingSettings(max_new_tokens=7, greedy=True)
+    assert torch.equal(static.generate(ids, mask, greedy).sequences, expected)
+    sampled = SamplingSettings(max_new_tokens=7, temperature=0.8, top_p=0.95)
+    a, b = dynamic.generate(ids, mask, sampled, call=4), static.generate(ids, mask, sampled, call=4)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    assert static.cache_bytes > dynamic.cache_bytes > 0  # preallocated for prompt + max_new_tokens
+
+
+def test_compiling_the_decode_step_needs_the_static_cache():
+    from forgepipe.config import build_config
+    from forgepipe.errors import ForgeError
+
+    with pytest.raises(ForgeError, match=r"^--rollout-compile: needs --rollout-cache static"):
+        build_config("ppo", overrides={"ppo.rollout_compile": True})
+    build_config("ppo", overrides={"ppo.rollout_compile": True, "ppo.rollout_cache": "static"})
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_decodes_the_same_tokens_in_one_graph():
+    """--rollout-compile: the decode step compiled once for its shape (inductor here; CUDA/HIP graphs on a GPU)."""
+    import torch._dynamo.utils as dynamo
+
+    model = neox().eval()
+    ids, mask = prompts()
+    expected = hf_generate(model, ids, mask, eos=60, n=6)
+    engine = RolloutEngine(model, eos_token_id=60, pad_token_id=PAD, cache="static", compile_decode=True)
+    dynamo.counters.clear()
+    for _ in range(2):  # the second call reuses the graph
+        assert torch.equal(engine.generate(ids, mask, SamplingSettings(max_new_tokens=6, greedy=True)).sequences, expected)
+    assert dynamo.counters["stats"]["unique_graphs"] == 1 and not dynamo.counters["graph_break"]

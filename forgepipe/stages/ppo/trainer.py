@@ -427,7 +427,11 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
     # One rollout engine for the run; its draws are seeded by (seed, rank) and the PPO step (call=).
     rollout = RolloutEngine(m.actor, eos_token_id=stop_token_id(i.tokenizer), pad_token_id=i.tokenizer.pad_token_id,
                             seed=cfg.train.seed * 1_009 + world.rank, gather=gather,
-                            synced=zero3 and world.world_size > 1 and not gather)
+                            synced=zero3 and world.world_size > 1 and not gather, cache=p.rollout_cache,
+                            compile_decode=p.rollout_compile)
+    if p.rollout_compile and not torch.cuda.is_available():
+        logging.getLogger(__name__).info("ppo: %s needs a GPU; the decode step runs eagerly here",
+                                         label("ppo.rollout_compile"))
     window: dict[str, Any] = {}
     box = {"ema": ema}
 
@@ -452,12 +456,14 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
         if p.ema > 0:
             box["ema"] = update_ema(box["ema"], m.actor, p.ema, world)
         rollout.refresh()
+        box["kv_cache_bytes"] = max(box.get("kv_cache_bytes", 0), rollout.cache_bytes)
         return True
 
     def log(step: int) -> dict[str, str]:
         record, rows, tokens = window_metrics(window, world, ptx=ptx_batches is not None)
         window.clear()
         check_rollout_gap(record["ppo/rollout_logprob_gap"], p.max_rollout_logprob_gap, step)
+        record["mem/rollout_kv_cache_gib"] = box.get("kv_cache_bytes", 0) / 2**30  # this rank's largest so far
         record["train/lr"] = m.actor.get_lr()[0]
         record.update(memory_metrics())
         state.samples_seen += int(rows)
