@@ -63,6 +63,8 @@ class Store:
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a table
         self.uri = resolve_tracking_uri(uri)
+        if self.uri.startswith(("http://", "https://")):
+            check_server(self.uri)
         if self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///"):]).is_file():
             # MLflow would create an empty store there; a wrong path should say so instead.
             raise ForgeError(f"no MLflow store at {self.uri[len('sqlite:///'):]}", key="tracking.uri")
@@ -160,6 +162,27 @@ class Store:
                 if text:
                     out[Path(f.path).stem] = json.loads(text)
         return out
+
+
+# A read command's patience with a tracking server that answered /health: MLflow's own defaults (7
+# retries with a growing pause, 120 s a request) make a server that goes away take minutes to be
+# reported. A user's own settings of these variables are kept.
+READ_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def check_server(uri: str) -> None:
+    """A tracking server is probed before MLflow's client talks to it, as a training command's
+    preflight does (preflight.check_tracking: a TCP connect, then GET /health, 3 s each): one that
+    refuses, or accepts and never answers, is one line in seconds instead of MLflow's minutes of
+    retries. MLflow's own retries and timeout are then kept short for the reads that follow."""
+    import os
+
+    from forgepipe.preflight import check_tracking
+
+    for key, value in READ_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    check_tracking(uri)
 
 
 def sqlite_store_problem(db: Path) -> str | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SAMPLE_DOCS, SAMPLE_PAIRS, child_env
+from fake_servers import silent_server_port
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -242,6 +243,15 @@ COMMANDS: dict[str, tuple[object, str, str | None]] = {
         lambda d, m: ["runs", "compare", "a", "b", "--plot", str(write(d / "plain", "x") / "curves.png"),
                       "--tracking-uri", f"sqlite:///{d}/mlflow.db"],
         "--plot: {d}/plain/curves.png has a parent that is a file ({d}/plain)", "{d}/mlflow.db"),
+    "runs list: a tracking server that refuses connections, in seconds": (
+        lambda d, m: ["runs", "list", "--tracking-uri", f"http://127.0.0.1:{closed_port()}"],
+        "is unreachable (Connection refused, waited 3 s)", None),
+    "runs list: a tracking server that accepts and never answers, in seconds": (
+        lambda d, m: ["runs", "list", "--tracking-uri", f"http://127.0.0.1:{silent_server_port()}"],
+        "does not answer (timed out, waited 3 s)", None),
+    "runs show: a tracking server that accepts and never answers, in seconds": (
+        lambda d, m: ["runs", "show", "abcd", "--tracking-uri", f"http://127.0.0.1:{silent_server_port()}"],
+        "does not answer (timed out, waited 3 s)", None),
     "chat: a model directory whose model.safetensors header is garbage": (
         lambda d, m: ["chat", str(corrupt_model(m, d / "bad-model", how="garbage")), "--prompt", "hi"],
         "MODEL_DIR: {d}/bad-model/model.safetensors is not a complete safetensors file (its header is not UTF-8 "

@@ -333,3 +333,23 @@ def test_read_commands_never_turn_a_file_into_a_store(tmp_path, content, problem
                                          "a store as it is"
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
+def test_a_server_that_never_answers_is_one_error_in_seconds_with_mlflows_retries_kept_short(monkeypatch):
+    """issue 22 item 14: MLflow's client alone retries for minutes (250 s refused, 20 min silent)."""
+    import os
+    import time
+
+    from fake_servers import silent_server_port
+
+    from forgepipe.runs import READ_HTTP_ENV
+
+    for key in READ_HTTP_ENV:
+        monkeypatch.setenv(key, "")  # so that the test's settings are undone afterwards
+        monkeypatch.delenv(key)
+    port = silent_server_port()
+    started = time.monotonic()
+    with pytest.raises(ForgeError, match=rf"--tracking-uri: http://127.0.0.1:{port} does not answer \(timed out"):
+        Store(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+    assert {k: os.environ[k] for k in READ_HTTP_ENV} == READ_HTTP_ENV
