@@ -688,8 +688,12 @@ def run_summary(uri: str | None, run_id: str) -> str:
     """What a finished stage prints last: steps, wall time, the final and best of its figures,
     tokens/s, where its model is and how to look at its run again. Read back from the store, so
     the console says exactly what MLflow recorded."""
-    store = Store(uri)
-    run = store.client.get_run(run_id)
+    try:
+        store = Store(uri)
+        run = store.client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - a store that failed during the run (Tracker.write_failed)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return f"MLflow run {run_id}: its record cannot be read back from {uri} ({first})"
     keys = figure_keys(run)
     steps = max((s for k in keys for s, _ in store.history(run, k)), default=0)
     parts = []

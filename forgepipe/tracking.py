@@ -325,6 +325,58 @@ def environment_snapshot() -> dict[str, Any]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}
 
 
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+class _DropStoreErrors(logging.Filter):
+    """MLflow's SQL store logs every database error with its traceback (some 40 lines) before raising
+    it; the Tracker says what failed in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+_MLFLOW_DB_LOG = "mlflow.store.db.utils"
+
+
+@contextlib.contextmanager
+def quiet_store_errors():
+    logger, drop = logging.getLogger(_MLFLOW_DB_LOG), _DropStoreErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def recorded(what: str):
+    """A Tracker write (what: its words in the warning): a no-op when the Tracker is disabled, and
+    never fatal. A store that cannot be written in the middle of a run (a full or read-only
+    filesystem, a server that went away, a corrupt database) does not end the training: the first
+    failed write logs one warning naming the store and the error, the writes after it are skipped
+    without a word (each would wait and fail again), and finish() says the run's record is
+    incomplete. The checkpoints and the export, the run's product, are written as usual."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            if not self.enabled:
+                return None
+            if self.write_error is not None:
+                self.skipped_writes += 1
+                return None
+            try:
+                with quiet_store_errors():
+                    return fn(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the record of a run is never a reason to lose the run
+                self.write_failed(what, exc)
+                return None
+        return method
+    return wrap
+
+
 class Tracker:
     """An MLflow run on rank 0; a no-op elsewhere (and when `enabled` is False)."""
 
@@ -340,6 +392,14 @@ class Tracker:
         self.stage: str | None = None  # prefixes the metric names (stage_metric_name)
         self.uri: str | None = None  # the store, absolute
         self._held: list[tuple[str, tuple, dict]] | None = None  # writes held back (hold())
+        self.write_error: str | None = None  # the first write the store refused (recorded()), in words
+        self.skipped_writes = 0  # the writes skipped after it
+
+    def write_failed(self, what: str, exc: BaseException) -> None:
+        self.write_error = f"{what}: {first_line(exc)}"
+        log.warning("MLflow store %s cannot be written (%s); training goes on, checkpoints and the export are "
+                    "written as usual, and this run's further MLflow records are skipped: run %s will be "
+                    "incomplete", self.uri, self.write_error, self.run_id)
 
     def hold(self) -> None:
         """Hold back the run's params, tags and artifacts from here on (a reopened run, until training
@@ -444,6 +504,7 @@ class Tracker:
 
     # Each method below is a no-op when disabled.
 
+    @recorded("logging params")
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -476,6 +537,7 @@ class Tracker:
         steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key)]
         return max(steps, default=-1)
 
+    @recorded("logging metrics")
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or not metrics or step <= self.skip_through_step:
             return
@@ -487,6 +549,7 @@ class Tracker:
         batch = [Metric(stage_metric_name(self.stage, k), float(v), now, step) for k, v in metrics.items()]
         while_locked(self.client.log_batch, self.run_id, metrics=batch)
 
+    @recorded("logging the datasets")
     def log_datasets(self, sources: list[str], splits: dict[str, Any]) -> None:
         """The data the run trained on as MLflow dataset inputs, one per split (context `training`,
         `evaluation`): name = the sources' file names, source = their absolute paths (or Hub
@@ -515,6 +578,7 @@ class Tracker:
         self.client.log_inputs(self.run_id, datasets=inputs)
         self.log_params({f"data.rows.{split}": n for split, n in rows.items()})
 
+    @recorded("recording a pipeline stage")
     def record_child(self, stage: str, child_run_id: str | None) -> None:
         """On a pipeline's parent run: the child's key results as the parent's own metrics
         (CHILD_RESULTS, at the child's last step) and a link to the child (tags `child.<stage>`,
@@ -539,6 +603,7 @@ class Tracker:
         self.set_tags({f"child.{stage}": child_run_id,
                        f"child.{stage}.url": f"#/experiments/{child.info.experiment_id}/runs/{child_run_id}"})
 
+    @recorded("setting tags")
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -547,6 +612,7 @@ class Tracker:
         for k, v in tags.items():
             while_locked(self.client.set_tag, self.run_id, k, str(v))
 
+    @recorded("deleting tags")
     def delete_tags(self, keys) -> None:
         """Remove the run's tags of these names (those it has)."""
         if not self.enabled:
@@ -558,6 +624,7 @@ class Tracker:
             if key in present:
                 while_locked(self.client.delete_tag, self.run_id, key)
 
+    @recorded("logging an artifact")
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         if not self.enabled:
             return
@@ -565,6 +632,7 @@ class Tracker:
             return
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    @recorded("logging an artifact")
     def log_text(self, text: str, artifact_file: str) -> None:
         if not self.enabled:
             return
@@ -572,6 +640,7 @@ class Tracker:
             return
         self.client.log_text(self.run_id, text, artifact_file)
 
+    @recorded("logging artifacts")
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         if not self.enabled:
             return
@@ -579,6 +648,7 @@ class Tracker:
             return
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    @recorded("logging an artifact")
     def log_artifacts_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.enabled:
             return
@@ -603,11 +673,28 @@ class Tracker:
         if not self.enabled or self.run_id is None:
             return
         end_time = None
-        if status != "FINISHED" and self.reopened_status == "FINISHED":
-            # A failed or stopped attempt to extend a finished run: the run stays what it was, its end time too.
-            while_locked(self.client.set_tag, self.run_id, "forgepipe.last_resume", status)
-            status, end_time = "FINISHED", self.reopened_end_time
-        while_locked(self.client.set_terminated, self.run_id, status=status, end_time=end_time)
+        try:
+            with quiet_store_errors():
+                if self.write_error is not None:  # tried again: the store may be back (a filesystem remounted)
+                    while_locked(self.client.set_tag, self.run_id, "forgepipe.record",
+                                 f"incomplete: {self.skipped_writes} writes skipped after {self.write_error}")
+                if status != "FINISHED" and self.reopened_status == "FINISHED":
+                    # A failed or stopped attempt to extend a finished run: the run stays what it was, its
+                    # end time too.
+                    while_locked(self.client.set_tag, self.run_id, "forgepipe.last_resume", status)
+                    status, end_time = "FINISHED", self.reopened_end_time
+                while_locked(self.client.set_terminated, self.run_id, status=status, end_time=end_time)
+        except Exception as exc:  # noqa: BLE001 - said in one line; the run's files are complete
+            if self.write_error is None:
+                self.write_error = f"ending the run: {first_line(exc)}"
+            log.warning("MLflow run %s in %s is incomplete and still says RUNNING: %d writes were skipped after "
+                        "%s, and ending it as %s failed too (%s); its checkpoints and export are complete",
+                        self.run_id, self.uri, self.skipped_writes, self.write_error, status, first_line(exc))
+            return
+        if self.write_error is not None:
+            log.warning("MLflow run %s in %s is incomplete: %d writes were skipped after %s; it is ended as %s, "
+                        "tagged forgepipe.record, and its checkpoints and export are complete", self.run_id,
+                        self.uri, self.skipped_writes, self.write_error, status)
 
     def discard(self) -> None:
         """Delete a run created by this process that never trained (bad input found after start)."""

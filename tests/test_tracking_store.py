@@ -223,3 +223,57 @@ def test_a_resumed_tag_goes_when_a_later_resume_sets_the_value_back(tmp_path):
     again.log_params({"train.lr": 1e-5, "train.max_steps": 10})
     assert {k: v for k, v in again.client.get_run(run.run_id).data.tags.items() if k.startswith("resumed.")} == \
         {"resumed.train.max_steps": "10"}
+
+
+# ---------------------------------------------------------------------------
+# A store that cannot be written in the middle of a run (issue 22 item 13): one warning, training goes on
+
+
+def unwritable(db) -> None:
+    """Every later write of the SQLite store fails, even for root (which chmod does not stop): a
+    directory where SQLite puts its rollback journal (`<db>-journal`) gives 'disk I/O error'."""
+    db.with_name(db.name + "-journal").mkdir()
+
+
+def test_a_store_unwritable_mid_run_is_one_warning_and_the_writes_return(tmp_path, caplog, capfd):
+    import logging
+
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker.start(world=World(), uri=f"sqlite:///{db}", experiment="e", run_name="r",
+                            tags={"stage": "sft"})
+    tracker.log_metrics({"train/loss": 3.0}, step=1)
+    capfd.readouterr()
+    unwritable(db)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        for step in range(2, 6):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step=step)  # each returns: training goes on
+        tracker.log_params({"train.lr": 1e-5})
+        tracker.set_tags({"model_dir": "/out/model"})
+        tracker.log_dict({"a": 1}, "deepspeed/model.json")
+        tracker.log_text("x", "config.yaml")
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1, warned
+        assert warned[0].startswith(f"MLflow store sqlite:///{db} cannot be written (logging metrics: "
+                                    "(sqlite3.OperationalError) disk I/O error); training goes on"), warned[0]
+        caplog.clear()
+        tracker.finish()
+        ended = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert time.monotonic() - started < 10
+    assert len(ended) == 1 and ended[0].startswith(f"MLflow run {tracker.run_id} in sqlite:///{db} is incomplete "
+                                                   "and still says RUNNING: 7 writes were skipped after "
+                                                   "logging metrics"), ended
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "SQLAlchemy database error" not in err, err[-3000:]
+
+    # The store back (the filesystem remounted) before the run ends: ended, and tagged incomplete.
+    db.with_name(db.name + "-journal").rmdir()
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "sft/loss")] == [1]
+    tracker.finish()
+    run = mlflow.MlflowClient(f"sqlite:///{db}").get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["forgepipe.record"].startswith("incomplete: 7 writes skipped after logging metrics: ")
