@@ -640,6 +640,14 @@ class Tracker:
             return
         self.client.log_text(self.run_id, text, artifact_file)
 
+    @recorded("logging a table")
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """MLflow's table artifact (the UI's evaluation view), through the Tracker so that a store that
+        fails is one warning (recorded())."""
+        if self._holding("log_table", data, artifact_file):
+            return
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
     @recorded("logging artifacts")
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         if not self.enabled:
