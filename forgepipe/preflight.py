@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -817,6 +818,98 @@ def world_size_from_env() -> int:
     return 1
 
 
+SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def source_kind_problem(path: Path, source: str) -> str | None:
+    """Why `path` cannot be a data source when it exists but is neither a regular file nor a directory
+    (a FIFO, a socket, a device), else None. Said from stat() alone: opening a FIFO blocks until a
+    writer comes, and the open() is retried through Slurm's stop signal."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # not there (or unreadable): the checks that follow say so
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    what = next((name for test, name in SPECIAL_FILES if test(mode)), "not a regular file")
+    return f"data source '{source}': {what}, not a regular file or directory; write the data to a file first"
+
+
+def check_source_kind(path: Path, source: str) -> None:
+    problem = source_kind_problem(path, source)
+    if problem:
+        raise ForgeError(problem)
+
+
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # Dataset.save_to_disk
+SAVED_DICT_FILE = "dataset_dict.json"  # DatasetDict.save_to_disk: {"splits": [...]}, a saved Dataset per split
+
+
+def _saved_dataset_problem(path: Path) -> str | None:
+    """What is missing or unreadable in a directory written by Dataset.save_to_disk, else None."""
+    missing = [name for name in SAVED_DATASET_FILES if not (path / name).is_file()]
+    if missing:
+        return f"{path} has no {' or '.join(missing)}"
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        files = [f["filename"] for f in state.get("_data_files", [])]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        return f"{path / 'state.json'} is unreadable ({type(exc).__name__})"
+    if not files:
+        return f"{path / 'state.json'} names no data files"
+    absent = [name for name in files if not (path / name).is_file()]
+    if absent:
+        return f"{path / absent[0]} is missing ({len(absent)} of {len(files)} data files are)"
+    return None
+
+
+def data_dir_problem(path: Path, source: str) -> str | None:
+    """Why a directory given as a data source cannot be read, from its file names and small JSON
+    files alone (reading it with datasets in the stage took 23-91 s to say so), else None.
+
+    Read: a directory written by Dataset.save_to_disk (dataset_info.json, state.json, its .arrow
+    files) or DatasetDict.save_to_disk (dataset_dict.json and one such directory per split)."""
+    where = f"data source '{source}'"
+    if (path / SAVED_DICT_FILE).is_file():
+        try:
+            splits = json.loads((path / SAVED_DICT_FILE).read_text(encoding="utf-8"))["splits"]
+            assert isinstance(splits, list) and all(isinstance(s, str) for s in splits)
+        except (OSError, ValueError, TypeError, KeyError, AssertionError):
+            return f"{where}: {path / SAVED_DICT_FILE} is unreadable (not a DatasetDict's split list)"
+        if not splits:
+            return f"{where}: the saved DatasetDict has no splits"
+        for split in splits:
+            problem = _saved_dataset_problem(path / split)
+            if problem:
+                return f"{where}: a saved DatasetDict whose split '{split}' is incomplete: {problem}"
+        return None
+    if any((path / name).exists() for name in SAVED_DATASET_FILES):
+        problem = _saved_dataset_problem(path)
+        return f"{where}: a saved data set that is incomplete: {problem}" if problem else None
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as exc:
+        return f"{where}: the directory cannot be read ({exc.strerror or type(exc).__name__})"
+    data_files = [n for n in names if file_suffix(Path(n)) in JSON_SUFFIXES + PARQUET_SUFFIXES]
+    if data_files:
+        shown = ", ".join(data_files[:3]) + (f" and {len(data_files) - 3} more" if len(data_files) > 3 else "")
+        return (f"{where}: a directory of data files ({shown}), not a data set saved by datasets' save_to_disk; "
+                f"give the files themselves: --data {path / data_files[0]}" + (" --data ..." if len(data_files) > 1
+                                                                                else ""))
+    if not names:
+        return f"{where}: an empty directory, not a data set saved by datasets' save_to_disk"
+    return (f"{where}: a directory, but not one written by datasets' save_to_disk (no "
+            f"{SAVED_DICT_FILE}, nor {' and '.join(SAVED_DATASET_FILES)}) and no data files (.jsonl, .json, "
+            ".parquet, .jsonl.gz, .json.gz)")
+
+
+def check_data_dir(path: Path, source: str) -> None:
+    problem = data_dir_problem(path, source)
+    if problem:
+        raise ForgeError(problem)
+
+
 def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = ()) -> int | None:
     """Check one data source; returns the stage's usable training rows when the whole file was read."""
     from forgepipe.data.formats import (
@@ -829,8 +922,10 @@ def check_source(source: str, stage: str, cfg: Config, keep: tuple[str, ...] = (
     from forgepipe.data.split import stage_share, train_eval
 
     path = Path(source).expanduser()
+    check_source_kind(path, source)
     if path.is_dir():
-        return None  # a saved data set: datasets reads it (and says what is wrong) in the stage
+        check_data_dir(path, source)
+        return None  # a saved data set: datasets reads it (and says the rest) in the stage
     if not path.exists():
         if looks_like_path(source):
             raise ForgeError(f"data source '{source}': file not found")

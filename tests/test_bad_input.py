@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -201,7 +202,22 @@ CASES: dict[str, tuple[str, object, str]] = {
         "--resume: {d}/ck/step-00000004 cannot be resumed from: {d}/ck/step-00000004/model/mp_rank_00_model_states.pt "
         "is corrupt: not a torch archive (File is not a zip file); the newest intact checkpoint before it is "
         "{d}/ck/step-00000002 (step 2)"),
+    "a FIFO as --data, refused before it is opened (it would block)": (
+        "sft", lambda d, m: ["--data", str(fifo(d / "pipe.jsonl"))],
+        "data source '{d}/pipe.jsonl': a FIFO (named pipe), not a regular file or directory"),
+    "an empty directory as --data, in seconds": (
+        "sft", lambda d, m: ["--data", str(d / "empty") if (d / "empty").mkdir() is None else ""],
+        "data source '{d}/empty': an empty directory, not a data set saved by datasets' save_to_disk"),
+    "a directory of data files as --data names them": (
+        "sft", lambda d, m: ["--data", str(write(d / "files" / "a.jsonl", pairs(3)).parent)],
+        "data source '{d}/files': a directory of data files (a.jsonl), not a data set saved by datasets' "
+        "save_to_disk; give the files themselves: --data {d}/files/a.jsonl"),
 }
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
 
 
 def garbage_checkpoint(root: Path) -> Path:

@@ -3,7 +3,9 @@
 A source is one of:
 - a local file: `.jsonl`, `.json`, `.parquet`, or `.jsonl.gz` / `.json.gz`;
 - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`. For a DatasetDict
-  the "train" split is used; without one, all splits are concatenated (in name order);
+  the "train" split is used; without one, all splits are concatenated (in name order). Any other
+  directory (empty, or holding data files) is refused at once, naming the files it holds;
+Anything else that exists (a FIFO, a socket, a device) is refused before it is opened.
 - a Hub data set name (its "train" split). Compute nodes usually have no internet: set
   HF_DATASETS_OFFLINE=1 there so a Hub name fails at once instead of after retries.
 """
@@ -106,8 +108,16 @@ def _load_hub(source: str) -> datasets.Dataset:
 
 def load_source(source: str) -> datasets.Dataset:
     """Load one source as a Dataset; every failure is a ForgeError naming the source."""
+    from forgepipe.preflight import data_dir_problem, source_kind_problem
+
     path = Path(source).expanduser()
+    problem = source_kind_problem(path, source)  # a FIFO, socket or device: never opened (it would block)
+    if problem:
+        raise ForgeError(problem)
     if path.is_dir():
+        problem = data_dir_problem(path, source)  # said from its file names, not after datasets tried
+        if problem:
+            raise ForgeError(problem)
         return _load_saved(path)
     if path.is_file():
         suffix = file_suffix(path)
