@@ -13,7 +13,10 @@ Nothing half-written ever looks complete:
   run (MLflow run id), never the one just written;
 - a full disk stops the run with "no space left on <path>", the partial files removed and the last
   complete checkpoint kept;
-- an export is written to `<dir>.partial/` and renamed to `<dir>/` when complete.
+- an export is written to `<dir>.partial/` and renamed to `<dir>/` when complete;
+- the checkpoint this process resumed from is never rewritten when no step was taken since (a rerun
+  after the export failed, a full disk say, finds its final checkpoint intact and exports only:
+  rewriting it first needed its size again in free space, and failed where the export would fit).
 
 A checkpoint holds one DeepSpeed checkpoint per engine (PPO has two), the loop state (step,
 epoch, position in the epoch, MLflow run id, ...) and each rank's RNG states.
@@ -118,6 +121,48 @@ def _collective_write(what: str, path: Path, write: Callable[[], None], cleanup:
     raise ForgeError(f"writing {what} failed on another rank")
 
 
+# The checkpoint this process restored its engines from (load_checkpoint): its resolved path and step.
+# Loaded through a universal (other world size) conversion it is not recorded: the state in memory is
+# then not laid out as the files on disk are.
+_RESUMED: dict[str, Any] = {}
+
+
+def _unchanged_since_resumed(final: Path, engines: dict[str, Any], loop_state: dict[str, Any]) -> bool:
+    """Collective: whether `final` is the checkpoint this process resumed from, at the same step (no
+    step taken since, so the engines hold exactly what it holds), with the same engines, and still
+    intact (checkpoint_verify; rank 0 reads it). Every rank must agree, or one would wait in a
+    collective write the others skipped."""
+    mine = (_RESUMED.get("path") == str(final.resolve()) and _RESUMED.get("step") == loop_state.get("step"))
+    if mine and is_main_process():
+        state = _read_state(final) or {}
+        mine = (state.get("step") == loop_state.get("step") and sorted(state.get("engines") or []) == sorted(engines)
+                and verify_checkpoint(final) is None)
+    return all_reduce_sum([0.0 if mine else 1.0])[0] == 0
+
+
+def _keep_resumed(root: Path, final: Path, tag: str, engines: dict[str, Any], loop_state: dict[str, Any]) -> Path:
+    """The checkpoint is the one resumed from, untouched: only its loop state (a new fingerprint or run
+    id after an honoured change) and the `latest` marker are brought up to date, each atomically."""
+    if is_main_process():
+        state = _read_state(final) or {}
+        wanted = {**loop_state, "engines": sorted(engines), "files": state.get("files")}
+        if state != wanted:
+            write_json_atomic(final / LOOP_STATE, wanted)
+        if (_read_state_file(root / LATEST_MARKER) or {}).get("tag") != tag:
+            write_json_atomic(root / LATEST_MARKER, {"tag": tag})
+        log.info("checkpoint %s: resumed from and no step since, kept as it is (not rewritten)", final)
+    barrier()
+    return final
+
+
+def _read_state_file(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def save_checkpoint(
     engines: dict[str, Any],
     output_dir: str | Path,
@@ -125,10 +170,13 @@ def save_checkpoint(
     loop_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. The checkpoint this
+    process resumed from, with no step since, is kept rather than rewritten (_unchanged_since_resumed)."""
     root = checkpoint_root(output_dir)
     partial = root / f"{PARTIAL_PREFIX}{tag}"
     final = root / tag
+    if _unchanged_since_resumed(final, engines, loop_state):
+        return _keep_resumed(root, final, tag, engines, loop_state)
     if is_main_process():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
@@ -251,6 +299,9 @@ def load_checkpoint(engines: dict[str, Any], checkpoint: str | Path, engine_dir:
     rng_file = checkpoint / f"rng_rank{current_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
+    _RESUMED.clear()
+    if engine_dir is None:
+        _RESUMED.update(path=str(checkpoint.resolve()), step=state.get("step"))
     return state
 
 
