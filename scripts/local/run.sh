@@ -9,15 +9,17 @@
 #   scripts/local/run.sh sft --model forge-s --data data/pairs.jsonl --output-dir runs/sft
 # --gpu: amd (default; /dev/kfd, /dev/dri, video/render groups; image forgepipe:rocm), nvidia
 #   (--gpus all; image forgepipe:cuda, built from containers/Dockerfile.cuda), none (CPU).
-# --gpus N: ranks, one per GPU (default: the GPUs found, else 1). N > 1 starts them with torchrun in
-#   the container; forgepipe reads its ranks from torchrun's variables, as it reads srun's on Frontier.
+# --gpus N: ranks, one per GPU (default: the GPUs found, else 1). N > 1 starts them with forgepipe's
+#   launcher in the container (python -m forgepipe.launch; torchrun's variables, as srun's on Frontier):
+#   a stop signal (docker stop, Ctrl-C) reaches every rank, and the exit status is the ranks' own
+#   (85 when they stopped with a checkpoint; torchrun itself ended with 1 and a traceback).
 # --image: the image (default forgepipe:rocm or forgepipe:cuda; FORGEPIPE_DOCKER_IMAGE).
 # --dry-run: print the docker command and create nothing.
 # Settings: FORGEPIPE_BINDS (more host dirs, comma-separated), FORGEPIPE_MODEL_ROOT and
 # FORGEPIPE_CATALOG (catalog models, bound and passed), FORGEPIPE_SHM_SIZE (16g), DOCKER (docker).
 set -euo pipefail
 
-usage() { sed -n '2,19s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,21s/^# \{0,1\}//p' "$0"; }
 
 gpu="${FORGEPIPE_GPU:-amd}"
 gpus="${FORGEPIPE_LOCAL_GPUS:-}"
@@ -105,9 +107,10 @@ for dir in "${binds[@]}"; do
 done
 cmd+=(-w "$(fp_path "$PWD")")
 
-# One rank per GPU: torchrun in the container, forgepipe reads RANK/LOCAL_RANK/WORLD_SIZE.
+# One rank per GPU: forgepipe's launcher in the container (RANK/LOCAL_RANK/WORLD_SIZE as torchrun sets
+# them); it passes a stop signal to the ranks and ends with their status, 85 after a stop checkpoint.
 if (( gpus > 1 )); then
-    cmd+=(--entrypoint torchrun "$image" --standalone --nproc_per_node "$gpus" --no-python forgepipe "$stage" "$@")
+    cmd+=(--entrypoint python "$image" -m forgepipe.launch --nproc-per-node "$gpus" "$stage" "$@")
 else
     cmd+=("$image" "$stage" "$@")
 fi
