@@ -1037,11 +1037,26 @@ def finished_stage(cfg: Config) -> StageResult | None:
     return StageResult.read(cfg.output_dir)
 
 
+def check_pipeline_finished(configs: dict[str, Config]) -> None:
+    """A pipeline whose every stage finished is answered in one line, exit 0, before its parent MLflow
+    run is reopened (which moved its end time): the stages skip finished work, so nothing would run."""
+    results = [finished_stage(cfg) for cfg in configs.values()]
+    if not all(results):
+        return
+    root = Path(next(iter(configs.values())).output_dir).parent
+    line = (f"{root} already finished: {', '.join(configs)} have their exports (the last: {results[-1].model_dir}); "
+            "nothing to do; --overwrite starts afresh")
+    if rank_from_env() == 0:
+        click.echo(f"forgepipe: {line}")
+    raise AlreadyFinished(line)
+
+
 def check_pipeline(configs: dict[str, Config]) -> None:
     """The pipeline (configs in stage order): the stages that start from given models in full
     (unless finished); the last stage (ppo, or dpo) starts from the exports of the ones before it,
     so its output directory and data (and a DPO --ref given) are what can be checked now."""
     *first, last = configs
+    check_pipeline_finished(configs)
     for stage in first:
         if not finished_stage(configs[stage]):
             check_run(configs[stage])

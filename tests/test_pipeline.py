@@ -41,12 +41,14 @@ def test_pipeline_two_ranks_zero3_parent_with_three_children(tiny_model, tmp_pat
     assert "ppo/final_score_mean" in parent.data.metrics  # each child's key results on the parent
     assert f"pipeline run {parent.info.run_id}" in proc.stdout  # the pipeline's summary names its parent
 
-    # A rerun finds every stage done: nothing is trained again, and the parent run is the same.
+    # A rerun finds every stage done: one line, nothing trained again, the parent run untouched (its end time too).
     again = run_forgepipe(pipeline_args(tiny_model, out, db, "--zero-stage", "3"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stage ppo already finished" in again.stderr
+    assert f"forgepipe: {out} already finished: sft, reward, ppo have their exports" in again.stdout
     runs = client.search_runs([parent.info.experiment_id])
     assert len(runs) == 4
+    after = client.get_run(parent.info.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", parent.info.end_time)
 
 
 def test_pipeline_bad_reward_data_fails_before_training(tiny_model, tmp_path):
