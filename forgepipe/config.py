@@ -237,6 +237,9 @@ class PPOConfig:
     rollout_check_every: int = bounded(8, ge=1)  # generated tokens between the host's "all ended?" checks
     # dynamic: the KV cache grows a token at a time; static: allocated once per call (prompt + max_new_tokens),
     # every decode step one shape, which rollout_compile can capture as a CUDA/HIP graph
+    # Tokens per scoring forward (actor, reference, critic and reward over a rollout): as many rows as fit
+    # at the rollout's longest length; 0: --per-device-batch-size rows (the training micro-batch)
+    scoring_tokens: int = bounded(16384, ge=0)
     rollout_cache: Literal["dynamic", "static"] = "dynamic"
     rollout_compile: bool = False  # torch.compile (reduce-overhead) the decode step; needs rollout_cache static, a GPU
 

@@ -111,6 +111,9 @@ PPO_OPTIONS: list[tuple[str, str, str]] = [
     ("--max-rollout-logprob-gap", "ppo.max_rollout_logprob_gap",
      "Stop when the sampler's log-probs drift from the training forward's by more than this (nats per token, "
      "mean over a log window; logged as ppo/rollout_logprob_gap)."),
+    ("--scoring-tokens", "ppo.scoring_tokens",
+     "Tokens per scoring forward over a rollout (actor, reference, critic, reward log-probs/values/scores): as "
+     "many rows as fit at its longest length. 0: --per-device-batch-size rows."),
     ("--rollout-cache", "ppo.rollout_cache",
      "The sampler's KV cache: dynamic (grows a token at a time) or static (allocated once per generation call "
      "for prompt + --max-new-tokens; every decode step one shape)."),

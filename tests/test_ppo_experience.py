@@ -141,3 +141,28 @@ def test_make_experience_with_real_tiny_models(tiny_model, tmp_path):
     # plus the value bootstrap of GAE (lam < 1); at the last token it is exactly the reward.
     assert_close(exp.returns[torch.arange(B), last], expected[torch.arange(B), last])
     assert (exp.advantages[exp.action_mask == 0] == 0).all()
+
+
+def test_scoring_in_token_chunks_gives_the_same_experience(tiny_model):
+    """--scoring-tokens: the four scoring forwards over the whole rollout in token-sized chunks; the same
+    numbers as one row at a time (each row is scored alone, so chunking changes nothing but speed)."""
+    from forgepipe.rollout import RolloutEngine
+    from forgepipe.stages.ppo.experience import rows_per_forward
+
+    assert rows_per_forward(100, 1000) == 10 and rows_per_forward(3000, 1000) == 1
+    tok = load_tokenizer(str(tiny_model), padding_side="left")
+    torch.manual_seed(0)
+    actor, ref = (AutoModelForCausalLM.from_pretrained(tiny_model) for _ in range(2))
+    reward, critic = (load_scalar_model(str(tiny_model), dtype="fp32", tokenizer=tok) for _ in range(2))
+    prompts = tok(["Hello there, how are", "Why", "The cat sat on the mat and", "A", "B c"], add_special_tokens=False)
+    batch = PromptCollator(tok.pad_token_id)([{"prompt_input_ids": r} for r in prompts["input_ids"]])
+    ppo = PPOConfig(max_new_tokens=6)
+    runs = []
+    for chunking in ({"forward_batch_size": 1}, {"forward_tokens": 40}, {"forward_tokens": 10_000}):
+        engine = RolloutEngine(actor, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=3)
+        runs.append(make_experience(actor, critic, ref, reward, batch, ppo=ppo, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id, rollout=engine, call=0, **chunking))
+    for exp in runs[1:]:
+        assert torch.equal(exp.sequences, runs[0].sequences)
+        for name in ("logp_old", "logp_ref", "values_old", "scores"):
+            assert_close(getattr(exp, name), getattr(runs[0], name), rtol=1e-5, atol=1e-5)

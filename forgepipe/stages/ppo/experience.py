@@ -69,6 +69,19 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def rows_per_forward(length: int, tokens: int) -> int:
+    """Rows of `length` tokens a scoring forward takes within a budget of `tokens` (at least one)."""
+    return max(1, tokens // max(length, 1))
+
+
+def agreed_length(sequences: torch.Tensor) -> int:
+    """The longest sequence length over ranks: every rank then cuts its rows into the same number of
+    scoring forwards (ZeRO-3's forwards are collective). One small all-reduce per experience batch."""
+    from forgepipe import distributed
+
+    return int(distributed.all_reduce(torch.tensor([float(sequences.shape[1])], device=sequences.device), "max"))
+
+
 # ---------------------------------------------------------------------------
 # Model calls
 
@@ -191,6 +204,7 @@ class Experience:
 @torch.no_grad()
 def make_experience(actor, critic, ref, reward, prompts: dict[str, torch.Tensor], *, ppo: PPOConfig,
                     eos_token_id: int, pad_token_id: int, forward_batch_size: int | None = None,
+                    forward_tokens: int | None = None,
                     synced_gpus: bool = False, gather: bool = False, actor_tokenizer=None,
                     reward_tokenizer=None, rollout=None, call: int | None = None) -> Experience:
     """Sample responses to `prompts` (left-padded input_ids/attention_mask) through the rollout engine
@@ -198,8 +212,10 @@ def make_experience(actor, critic, ref, reward, prompts: dict[str, torch.Tensor]
     uninterrupted one would) and score them.
 
     `reward_tokenizer` is given only when it differs from the actor's: the reward model then
-    reads re-tokenized text. Forwards run in chunks of `forward_batch_size` rows (every rank runs
-    the same number, which ZeRO-3 needs).
+    reads re-tokenized text. The scoring forwards (actor, reference, critic, reward) run over the whole
+    rollout in chunks of `forward_tokens` tokens (--scoring-tokens: as many rows as fit at the longest
+    length over ranks), else of `forward_batch_size` rows; every rank runs the same number, which
+    ZeRO-3 needs.
     """
     from forgepipe.rollout import RolloutEngine, SamplingSettings
 
@@ -222,6 +238,8 @@ def make_experience(actor, critic, ref, reward, prompts: dict[str, torch.Tensor]
     for model in (actor, critic):
         model.eval()
     parts: dict[str, list[torch.Tensor]] = {"logp_old": [], "logp_ref": [], "values_old": [], "scores": []}
+    if forward_tokens:
+        forward_batch_size = rows_per_forward(agreed_length(sequences), forward_tokens)
     for rows in _chunks(len(sequences), forward_batch_size or len(sequences)):
         seq, mask = sequences[rows], attention_mask[rows]
         parts["logp_old"].append(actor_logprobs(actor, seq, mask, prompt_len, ppo.temperature))

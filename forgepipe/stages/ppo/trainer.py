@@ -443,7 +443,7 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
         exp = make_experience(
             m.actor, m.critic, m.ref, m.reward, collate([i.prompts[k] for k in indices]), ppo=p,
             eos_token_id=stop_token_id(i.tokenizer), pad_token_id=i.tokenizer.pad_token_id,
-            forward_batch_size=cfg.train.per_device_batch_size,
+            forward_batch_size=cfg.train.per_device_batch_size, forward_tokens=p.scoring_tokens,
             synced_gpus=zero3 and world.world_size > 1 and not gather, gather=gather,
             actor_tokenizer=i.tokenizer, reward_tokenizer=i.reward_tokenizer if i.mismatch else None,
             rollout=rollout, call=state.step,
