@@ -70,6 +70,7 @@ FORGEPIPE_ROWS = [
     ("dpo defaults", "dpo", "model", []),
     ("sft small defaults", "sft", "small", []),
     ("sft small before: ZeRO-2, padding mask", "sft", "small", ["--zero-stage", "2", "--padding-mask"]),
+    ("sft small, 4096 tokens a micro-batch", "sft", "small", ["--tokens-per-micro-batch", "4096"]),
     ("sft padding mask, sdpa", "sft", "model", ["--padding-mask", "--attn-implementation", "sdpa"]),
     ("sft no mask, sdpa (head 86 unpadded)", "sft", "model", ["--attn-implementation", "sdpa"]),
     ("reward before: ZeRO-3, padding mask, sdpa", "reward", "model",
