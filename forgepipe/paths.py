@@ -127,20 +127,11 @@ def _model(name: str, entries: dict[str, Any]) -> str | None:
 
 
 def resolve_store_uri(uri: str | None) -> str:
-    """tracking.resolve_tracking_uri without importing it (it imports torch): --tracking-uri, else
-    $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db, a local store made absolute against the working
-    directory with Path.resolve(), as forgepipe opens it (test_frontier_paths.py holds the two equal)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').resolve()}/mlflow.db"
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return uri if path.startswith("/") or path == ":memory:" else f"sqlite:///{Path(path).resolve()}"
-    if uri.startswith("file://"):
-        return uri
-    if uri.startswith("file:"):
-        return Path(uri[len("file:"):]).resolve().as_uri()
-    if "://" not in uri and ":" not in uri.split("/")[0]:
-        return str(Path(uri).resolve())
-    return uri
+    """The store a run opens: tracking.resolve_tracking_uri (--tracking-uri, else $MLFLOW_TRACKING_URI,
+    else ./mlruns/mlflow.db, a local store made absolute). tracking.py imports no torch, so this stays light."""
+    from forgepipe.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(uri)
 
 
 def _store_dir(uri: str | None) -> str | None:
