@@ -254,13 +254,14 @@ def drive(*, state: LoopState, total: int, units: Callable[[int], Sequence[Any]]
 # The supervised loop (SFT, reward): micro-batches through one engine
 
 
-def total_steps(train_data, world_size: int, s: LoopSettings) -> int:
+def total_steps(train_data, world_size: int, s: LoopSettings, lengths: Sequence[int] | None = None) -> int:
     """Optimizer steps of the run: whole steps per epoch, times the epochs, capped by max_steps. With a
-    token budget each epoch's plan has its own length, so every epoch's plan is counted."""
+    token budget each epoch's plan has its own length, so every epoch's plan is counted (from
+    `lengths` when the caller has them, else read from the data)."""
     if s.tokens_per_micro_batch:
-        s.rows_per_sample = rows_per_sample(train_data)
-        lengths = sample_lengths(train_data)
-        plans = (token_budget_batches(lengths, s.tokens_per_micro_batch, s.seed, epoch, rows=s.rows_per_sample,
+        lengths = sample_lengths(train_data) if lengths is None else lengths
+        rows = rows_per_sample(train_data)
+        plans = (token_budget_batches(lengths, s.tokens_per_micro_batch, s.seed, epoch, rows=rows,
                                       multiple=s.pad_multiple) for epoch in range(s.epochs))
         total = 0
         for plan in plans:
@@ -359,12 +360,11 @@ def train_loop(
     is a micro-batch: collated and its real tokens counted on the host, then copied to the device,
     forward, backward, and DeepSpeed steps at the accumulation boundary."""
     s = settings
-    steps_total = total_steps(train_data, world.world_size, s)  # > 0: RunRecord.build_engine checked
-    device = engine.device
-    window = MetricWindow(device)
-
     lengths = sample_lengths(train_data) if s.group_by_length or s.tokens_per_micro_batch else None
     s.rows_per_sample = rows_per_sample(train_data)
+    steps_total = total_steps(train_data, world.world_size, s, lengths)  # > 0: RunRecord.build_engine checked
+    device = engine.device
+    window = MetricWindow(device)
 
     def units(epoch: int) -> list[list[int]]:
         return epoch_micro_batches(len(train_data), lengths, s, world, epoch)
