@@ -72,7 +72,6 @@ def resolve(setting: str, config) -> str:
         return setting
     d = head_dim(config)
     if d is not None and d % HEAD_DIM_MULTIPLE:
-        register()
         return PADDED
     return "sdpa"
 
