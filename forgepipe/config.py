@@ -241,7 +241,7 @@ class PPOConfig:
     # at the rollout's longest length; 0: --per-device-batch-size rows (the training micro-batch)
     scoring_tokens: int = bounded(16384, ge=0)
     rollout_cache: Literal["dynamic", "static"] = "dynamic"
-    rollout_compile: bool = False  # torch.compile (reduce-overhead) the decode step; needs rollout_cache static, a GPU
+    rollout_compile: bool = False  # torch.compile the decode step (graphs on a GPU); needs rollout_cache static
 
 
 @dataclass

@@ -118,7 +118,8 @@ PPO_OPTIONS: list[tuple[str, str, str]] = [
      "The sampler's KV cache: dynamic (grows a token at a time) or static (allocated once per generation call "
      "for prompt + --max-new-tokens; every decode step one shape)."),
     ("--rollout-compile/--no-rollout-compile", "ppo.rollout_compile",
-     "torch.compile the decode step (reduce-overhead: CUDA/HIP graphs); needs --rollout-cache static and a GPU."),
+     "torch.compile the decode step once for its shape (CUDA/HIP graphs on a GPU, inductor elsewhere); needs "
+     "--rollout-cache static."),
     ("--rollout-check-every", "ppo.rollout_check_every",
      "Generated tokens between the checks whether every response has ended (each check is a host sync)."),
     ("--ppo-epochs", "ppo.ppo_epochs", "PPO passes over each experience batch."),

@@ -212,7 +212,8 @@ def step_sums(exp: Experience, stats: dict[str, Any], training_s: float) -> dict
     kl = masked_mean(exp.logp_old - exp.logp_ref, mask)
     rollout = exp.logp_old if exp.logp_rollout is None else exp.logp_rollout
     gap = (rollout - exp.logp_old).abs() * mask  # the sampler against the training forward
-    return {"logprob_gap": gap.double().sum(), "logprob_gap_max": gap.max().double(),"rows": float(len(exp)), "tokens": tokens, "score": exp.scores.double().sum(), "kl": kl.double() * tokens,
+    return {"logprob_gap": gap.double().sum(), "logprob_gap_max": gap.max().double(),
+            "rows": float(len(exp)), "tokens": tokens, "score": exp.scores.double().sum(), "kl": kl.double() * tokens,
             "reward": exp.rewards.double().sum(), **{k: stats[k] for k in ("policy_loss", "value_loss", "clip_frac",
                                                                             "approx_kl", "ptx_loss", "updates")},
             "generation_s": exp.generation_s, "scoring_s": exp.scoring_s, "training_s": training_s, "steps": 1.0}
@@ -429,9 +430,6 @@ def ppo_loop(cfg: Config, run: RunRecord, inputs: PPOInputs, models: PPOModels,
                             seed=cfg.train.seed * 1_009 + world.rank, gather=gather,
                             synced=zero3 and world.world_size > 1 and not gather, cache=p.rollout_cache,
                             compile_decode=p.rollout_compile)
-    if p.rollout_compile and not torch.cuda.is_available():
-        logging.getLogger(__name__).info("ppo: %s needs a GPU; the decode step runs eagerly here",
-                                         label("ppo.rollout_compile"))
     window: dict[str, Any] = {}
     box = {"ema": ema}
 
