@@ -60,7 +60,7 @@ def test_padded_sdpa_equals_eager_forward_and_backward(build):
     (eager, eager_grad), (padded, padded_grad) = results
     torch.testing.assert_close(padded[0], eager[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded[1, :7], eager[1, :7], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(padded_grad, eager_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(padded_grad, eager_grad, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
 
 
 def sft_rows():
